@@ -1,0 +1,92 @@
+"""Turn any network into one trained by a chosen rule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from fa_cli.alignment.dfa import attach
+from fa_cli.alignment.layers import CONVERTIBLE, AlignmentLayer, check_method
+
+
+def convert(
+    module: nn.Module,
+    method: str,
+    *,
+    num_classes: int | None = None,
+    seed: int | None = None,
+    scale: float = 1.0,
+    projection: str = "full",
+) -> nn.Module:
+    """A copy of ``module`` whose ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers learn with ``method``.
+
+    The original is left untouched. The copy keeps every weight, bias, buffer and hook; only the
+    layers' classes change (to :class:`~fa_cli.alignment.Linear` and friends) and a ``feedback``
+    buffer is added, so its forward output equals the original's. Other modules (activations,
+    BatchNorm, pooling, attention, residual adds) keep their exact gradients.
+
+    Args:
+        method: one of ``METHODS``: bp, fa, dfa, usf, brsf, frsf, kp, shallow.
+        num_classes: width of the output error for dfa; inferred from the last ``nn.Linear``
+            (in module order) when not given.
+        seed: makes every layer's feedback reproducible; layers get independent matrices. ``None``
+            draws from the global RNG (so ``torch.manual_seed`` fixes it too).
+        scale: multiplies the feedback's initial bound (see :mod:`fa_cli.alignment.feedback`).
+        projection: dfa on convolutions: ``"full"`` projects the error to every input position,
+            ``"channel"`` to one value per channel shared over space (for large feature maps).
+
+    ``shallow`` freezes every parameter (``requires_grad=False``) except the output layer's: the
+    last converted layer in module order. For ``kp``, give the feedback to the optimizer too:
+    ``optimizer.add_param_group({"params": feedback_parameters(model)})``.
+    """
+    check_method(method)
+    model = copy.deepcopy(module)
+    layers = [m for m in model.modules() if type(m) in CONVERTIBLE or isinstance(m, AlignmentLayer)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no Linear or Conv1d/2d/3d layer to convert")
+    if method == "dfa":
+        num_classes = num_classes or _infer_num_classes(model)
+        attach(model, num_classes)
+    if method == "shallow":
+        model.requires_grad_(False)
+
+    seeds = _layer_seeds(seed, len(layers))
+    for i, layer in enumerate(layers):
+        output_layer = i == len(layers) - 1
+        rule = "bp" if method == "shallow" and output_layer else method
+        if not isinstance(layer, AlignmentLayer):
+            layer.__class__ = CONVERTIBLE[type(layer)]  # same module, same parameters: a rule-aware class
+        layer.setup_rule(rule, scale=scale, seed=seeds[i], num_classes=num_classes, projection=projection)
+        if method == "shallow" and output_layer:
+            layer.requires_grad_(True)
+    return model
+
+
+def feedback_parameters(model: nn.Module) -> list[Tensor]:
+    """The feedback tensors the rule itself trains: kp's ``B``, which receives exactly ``W``'s gradient
+    in backward. Add them to the optimizer that updates ``W`` so ``B`` gets the same update rule
+    (learning rate and schedule, momentum, weight decay); empty for every other rule."""
+    return [
+        m.feedback
+        for m in model.modules()
+        if isinstance(m, AlignmentLayer) and m.method == "kp" and m.feedback is not None
+    ]
+
+
+def _infer_num_classes(model: nn.Module) -> int:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            "dfa needs the width of the model's output: pass num_classes= (it cannot be inferred: "
+            f"{type(model).__name__} has no nn.Linear layer)"
+        )
+    return linears[-1].out_features
+
+
+def _layer_seeds(seed: int | None, count: int) -> list[int]:
+    # One independent seed per layer from one generator: same seed, same matrices; no two layers
+    # share a stream or slices of one matrix.
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.randint(0, 2**62, (count,), generator=generator).tolist()

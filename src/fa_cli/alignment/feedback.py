@@ -1,0 +1,88 @@
+"""How each rule builds the feedback matrix it sends errors through.
+
+Every rule stores one tensor per layer, the layer's ``feedback`` buffer:
+
+========  ===========================  =================================================  ==========
+rule      ``feedback`` holds           matrix the error goes through (``effective``)      changes
+========  ===========================  =================================================  ==========
+fa        ``B``, weight's shape        ``B``                                              never
+kp        ``B``, weight's shape        ``B``                                              W's update
+usf       magnitude, all one value     ``sign(W) * feedback``                             sign(W)
+frsf      ``|R|``, weight's shape      ``sign(W) * feedback``                             sign(W)
+brsf      ``|R|``, weight's shape      ``sign(W) * feedback``, ``|R|`` redrawn per batch  every step
+dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedback``     never
+========  ===========================  =================================================  ==========
+
+Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
+``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
+error reaching each layer is as large as backprop's would be. The sign-concordant magnitudes follow
+from it: ``|R|`` has the distribution of ``|B|``, and usf's single value has ``B``'s root-mean-square,
+so all of them send errors of the same size. A dfa matrix maps a ``num_classes``-wide error, so its
+bound is ``1/sqrt(num_classes)``. ``scale`` multiplies every bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Rules whose feedback has the weight's shape.
+WEIGHT_SHAPED = ("fa", "kp", "usf", "frsf", "brsf")
+#: Rules whose feedback is ``sign(W)`` times a stored magnitude.
+SIGN_CONCORDANT = ("usf", "frsf", "brsf")
+
+
+def weight_bound(weight: Tensor, scale: float) -> float:
+    """Bound of ``U(-b, b)`` that PyTorch's default initialisation draws this weight from, times scale."""
+    fan_in = weight[0].numel()  # in_features, or in_channels / groups * prod(kernel_size)
+    return scale / math.sqrt(fan_in)
+
+
+def direct_bound(num_classes: int, scale: float) -> float:
+    """Bound of the dfa projection's entries: the error it maps is ``num_classes`` wide."""
+    return scale / math.sqrt(num_classes)
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> Tensor:
+    # Always drawn on the CPU in float32, then moved: the same seed gives the same matrix on any
+    # device and in any dtype.
+    return torch.empty(shape).uniform_(low, high, generator=generator)
+
+
+def initial_feedback(method: str, weight: Tensor, scale: float, generator: torch.Generator | None) -> Tensor:
+    """The ``feedback`` buffer a weight-shaped rule starts with (see the table above)."""
+    bound = weight_bound(weight, scale)
+    shape = tuple(weight.shape)
+    if method in ("fa", "kp"):
+        values = _uniform(shape, -bound, bound, generator)
+    elif method in ("frsf", "brsf"):
+        values = _uniform(shape, 0.0, bound, generator)
+    elif method == "usf":
+        values = torch.full(shape, bound / math.sqrt(3.0))  # RMS of U(-b, b)
+    else:
+        raise ValueError(f"{method!r} has no weight-shaped feedback")
+    return values.to(device=weight.device, dtype=weight.dtype)
+
+
+def initial_direct_feedback(
+    num_classes: int, shape: tuple[int, ...], scale: float, generator: torch.Generator | None, like: Tensor
+) -> Tensor:
+    """A dfa projection ``(num_classes, *shape)`` from the output error to a layer's input."""
+    bound = direct_bound(num_classes, scale)
+    values = _uniform((num_classes, *shape), -bound, bound, generator)
+    return values.to(device=like.device, dtype=like.dtype)
+
+
+def redraw_magnitude(feedback: Tensor, weight: Tensor, scale: float) -> None:
+    """brsf: a fresh ``|R|`` for this batch, in place, from the global RNG (so ``torch.manual_seed``
+    makes training reproducible and checkpoints of the RNG state resume it exactly)."""
+    feedback.uniform_(0.0, weight_bound(weight, scale))
+
+
+def effective(method: str, weight: Tensor, feedback: Tensor) -> Tensor:
+    """The matrix a weight-shaped rule sends errors through, for the weight as it is now."""
+    if method in SIGN_CONCORDANT:
+        return torch.sign(weight.detach()) * feedback
+    return feedback

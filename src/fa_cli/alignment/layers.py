@@ -1,0 +1,234 @@
+"""``Linear`` and ``Conv1d/2d/3d`` that learn with a chosen rule.
+
+They are ``nn.Linear`` and ``nn.ConvNd`` (``isinstance`` holds, the parameters and forward output are
+the same); only the backward changes, by ``method``:
+
+- ``bp``: exact backprop. ``shallow``: exact, but the layer is frozen (``requires_grad=False``).
+- ``fa``, ``kp``, ``usf``, ``frsf``, ``brsf``: the error reaching the input goes through the layer's
+  ``effective_feedback()`` instead of its weight (see :mod:`fa_cli.alignment.feedback`).
+- ``dfa``: the input receives the model's output error projected by ``feedback``; the model must be
+  converted with ``convert(model, "dfa")`` so the error is captured (see :mod:`fa_cli.alignment.dfa`).
+
+``feedback`` is a buffer: in ``state_dict`` and moved by ``.to()``, never returned by
+``parameters()``. Overwrite it in place (``layer.feedback.copy_(B)``) to use a matrix of your own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fa_cli.alignment import feedback as fb
+from fa_cli.alignment.dfa import Projection, current_pass
+from fa_cli.alignment.exact import rules_active
+from fa_cli.alignment.functional import ConvDirect, ConvFeedback, LinearDirect, LinearFeedback
+
+METHODS = ("bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "shallow")
+PROJECTIONS = ("full", "channel")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return method
+
+
+class AlignmentLayer:
+    """What ``Linear`` and ``ConvNd`` share: the rule, its feedback buffer, and the dfa plumbing."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    feedback: Tensor | None
+
+    def setup_rule(
+        self,
+        method: str,
+        *,
+        scale: float = 1.0,
+        seed: int | None = None,
+        num_classes: int | None = None,
+        projection: str = "full",
+    ) -> None:
+        """(Re)configure the rule. ``seed`` fixes this layer's feedback; ``None`` draws a seed from
+        the global RNG, so ``torch.manual_seed`` still makes it reproducible."""
+        if projection not in PROJECTIONS:
+            raise ValueError(
+                f"unknown dfa projection {projection!r}; choose one of: {', '.join(PROJECTIONS)}"
+            )
+        self.method = check_method(method)
+        self.scale = float(scale)
+        self.feedback_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.num_classes = num_classes
+        self.projection = projection
+        if method == "shallow":
+            for p in self.parameters(recurse=False):  # type: ignore[attr-defined]
+                p.requires_grad_(False)
+        self.reset_feedback()
+
+    def reset_feedback(self) -> None:
+        """Draw the feedback again from the layer's seed (dfa's is drawn at the next forward)."""
+        feedback = None
+        if self.method in fb.WEIGHT_SHAPED:
+            feedback = fb.initial_feedback(self.method, self.weight, self.scale, self._generator())
+        if "feedback" in self._buffers:  # type: ignore[attr-defined]
+            self.feedback = feedback
+        else:
+            self.register_buffer("feedback", feedback)  # type: ignore[attr-defined]
+
+    def effective_feedback(self) -> Tensor | None:
+        """The matrix errors go through now: ``B`` (fa, kp), ``sign(W) * feedback`` (usf, frsf,
+        brsf), the projection ``(num_classes, *input)`` (dfa), or None (bp, shallow)."""
+        if self.feedback is None:
+            return None
+        return fb.effective(self.method, self.weight, self.feedback)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.feedback_seed)
+
+    def _uses_rule(self) -> bool:
+        return self.method not in ("bp", "shallow") and rules_active()
+
+    def _step_feedback(self) -> Tensor:
+        """The effective ``B`` for this forward (brsf draws new magnitudes for each training batch)."""
+        assert self.feedback is not None
+        if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
+            fb.redraw_magnitude(self.feedback, self.weight, self.scale)
+        return fb.effective(self.method, self.weight, self.feedback)
+
+    def _direct_ticket(self, input: Tensor) -> Projection | None:
+        """dfa: make sure this layer has its projection, and ask the running pass for a slice."""
+        current = current_pass()
+        if current is None:
+            raise RuntimeError(
+                "a dfa layer ran outside a model converted for dfa: use "
+                "fa_cli.alignment.convert(model, 'dfa') so the output error can be captured"
+            )
+        channel = (
+            self.projection == "channel" and input.dim() > 2 and isinstance(self, nn.modules.conv._ConvNd)
+        )
+        shape = input.shape[1:]
+        wanted = (current.state.num_classes, *(shape[:1] if channel else shape))
+        if self.feedback is None:
+            self.feedback = fb.initial_direct_feedback(
+                wanted[0], wanted[1:], self.scale, self._generator(), like=self.weight
+            )
+        elif tuple(self.feedback.shape) != wanted:
+            raise RuntimeError(
+                f"dfa feedback of shape {tuple(self.feedback.shape)} was made for other inputs; this "
+                f"input needs {wanted} (inputs of one shape per example, and the model's num_classes)"
+            )
+        return current.add(self.feedback, shape, channel) if input.requires_grad else None
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # A dfa layer makes its feedback at the first forward; a checkpoint may bring it sooner.
+        saved = state_dict.get(prefix + "feedback")
+        if self.feedback is None and saved is not None and self.method == "dfa":
+            self.feedback = torch.empty_like(saved, device=self.weight.device, dtype=self.weight.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def _rule_repr(self) -> str:
+        text = f"method={self.method}"
+        if self.method not in ("bp", "shallow") and self.scale != 1.0:
+            text += f", scale={self.scale:g}"
+        if self.method == "dfa" and self.projection != "full":
+            text += f", projection={self.projection}"
+        return text
+
+
+class Linear(AlignmentLayer, nn.Linear):
+    """``nn.Linear`` on inputs of any rank ``(*, in_features)``, learning with ``method``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        method: str = "fa",
+        scale: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self.setup_rule(method, scale=scale, seed=seed)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._uses_rule():
+            return F.linear(input, self.weight, self.bias)
+        if self.method == "dfa":
+            return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
+        return LinearFeedback.apply(input, self.weight, self.bias, self._step_feedback(), self.method == "kp")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._rule_repr()}"
+
+
+class _ConvNd(AlignmentLayer):
+    """The rule-aware forward shared by Conv1d, Conv2d and Conv3d."""
+
+    padding_mode: str
+    padding: Any
+    _reversed_padding_repeated_twice: list[int]
+
+    def __init__(
+        self, *args: Any, method: str = "fa", scale: float = 1.0, seed: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)  # the nn.ConvNd next in the MRO: same arguments as PyTorch's
+        self.setup_rule(method, scale=scale, seed=seed)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._uses_rule():
+            return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined]
+        input, padding = self._padded(input)
+        conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
+        if self.method == "dfa":
+            return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
+        return ConvFeedback.apply(
+            input, self.weight, self.bias, self._step_feedback(), *conf, self.method == "kp"
+        )
+
+    def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """The input and the symmetric zero padding left for the convolution itself.
+
+        Non-zero padding modes and asymmetric 'same' padding are done here with ``F.pad``, whose
+        gradient is exact, exactly as ``nn.ConvNd`` does them.
+        """
+        dims = input.dim() - 2
+        pads = self._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+        if self.padding_mode != "zeros":
+            return F.pad(input, pads, mode=self.padding_mode), (0,) * dims
+        if not isinstance(self.padding, str):
+            return input, tuple(self.padding)
+        if pads[0::2] == pads[1::2]:  # 'valid', or 'same' that splits evenly
+            return input, tuple(reversed(pads[0::2]))
+        return F.pad(input, pads), (0,) * dims
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._rule_repr()}"  # type: ignore[misc]
+
+
+class Conv1d(_ConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with ``method``; stride, padding (also "same"), dilation, groups, padding_mode."""
+
+
+class Conv2d(_ConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with ``method``; stride, padding (also "same"), dilation, groups, padding_mode."""
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    """``nn.Conv3d`` with ``method``; stride, padding (also "same"), dilation, groups, padding_mode."""
+
+
+#: PyTorch layer class -> the class it is converted to.
+CONVERTIBLE: dict[type[nn.Module], type[AlignmentLayer]] = {
+    nn.Linear: Linear,
+    nn.Conv1d: Conv1d,
+    nn.Conv2d: Conv2d,
+    nn.Conv3d: Conv3d,
+}

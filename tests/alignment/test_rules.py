@@ -1,0 +1,203 @@
+"""Gradient checks of every rule against references written here in plain tensor math."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fa_cli.alignment import Conv1d, Conv2d, Linear, convert, exact_gradients, feedback_parameters
+from fa_cli.alignment.metrics import angle
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def _grads(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of <module(x), upstream>, i.e. with ``upstream`` as dL/d(output)."""
+    x = x.clone().requires_grad_(True)
+    (module(x) * upstream).sum().backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    grads["input"] = x.grad
+    return grads
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7)])  # Linear on inputs of any rank
+def test_fa_linear_sends_error_through_feedback(shape):
+    layer = Linear(7, 4, method="fa", seed=0)
+    x, delta = torch.randn(shape), torch.randn(*shape[:-1], 4)
+    g = _grads(layer, x, delta)
+    B = layer.feedback
+    assert torch.equal(g["input"], delta @ B)
+    flat_delta, flat_x = delta.reshape(-1, 4), x.reshape(-1, 7)
+    torch.testing.assert_close(g["weight"], flat_delta.T @ flat_x)
+    torch.testing.assert_close(g["bias"], flat_delta.sum(0))
+
+
+CONVS = [
+    (Conv1d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), (2, 3, 11)),
+    (Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, dilation=2), (2, 3, 9, 8)),
+    (Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, stride=2), (2, 4, 9, 9)),
+    (
+        Conv2d,
+        dict(in_channels=4, out_channels=4, kernel_size=3, groups=4, padding=1),
+        (2, 4, 7, 7),
+    ),  # depthwise
+    (Conv2d, dict(in_channels=3, out_channels=2, kernel_size=4, padding="same"), (2, 3, 7, 7)),  # asymmetric
+    (
+        Conv2d,
+        dict(in_channels=3, out_channels=2, kernel_size=3, padding=1, padding_mode="circular"),
+        (2, 3, 6, 6),
+    ),
+    (Conv2d, dict(in_channels=3, out_channels=2, kernel_size=3, padding="valid", bias=False), (2, 3, 6, 6)),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "shape"), CONVS)
+def test_fa_conv_sends_error_through_feedback(cls, kwargs, shape):
+    layer = cls(**kwargs, method="fa", seed=0)
+    reference = getattr(nn, cls.__name__)(**kwargs)
+    reference.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "feedback"})
+    x = torch.randn(shape)
+    delta = torch.randn_like(reference(x))
+    g = _grads(layer, x, delta)
+
+    # Reference input gradient: the same convolution with B in the weight's place, differentiated
+    # w.r.t. its input (a linear map, so this is exactly "the transposed convolution with B").
+    with_feedback = getattr(nn, cls.__name__)(**kwargs)
+    with_feedback.weight = nn.Parameter(layer.feedback.clone())
+    expected = _grads(with_feedback, x, delta)["input"]
+    torch.testing.assert_close(g["input"], expected)
+    # Weight and bias gradients are the usual ones.
+    usual = _grads(reference, x, delta)
+    torch.testing.assert_close(g["weight"], usual["weight"])
+    if reference.bias is not None:
+        torch.testing.assert_close(g["bias"], usual["bias"])
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "shape"), CONVS[:4])
+@pytest.mark.parametrize("method", ["usf", "frsf", "kp"])
+def test_weight_shaped_rules_use_their_effective_feedback(cls, kwargs, shape, method):
+    layer = cls(**kwargs, method=method, seed=3)
+    x = torch.randn(shape)
+    delta = torch.randn_like(layer(x))
+    with_feedback = getattr(nn, cls.__name__)(**kwargs)
+    with_feedback.weight = nn.Parameter(layer.effective_feedback().clone())
+    torch.testing.assert_close(_grads(layer, x, delta)["input"], _grads(with_feedback, x, delta)["input"])
+
+
+def _tanh_mlp(widths=(6, 9, 8, 7, 4)):
+    layers = []
+    for i in range(len(widths) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_dfa_matches_the_report_formula_on_a_three_hidden_layer_tanh_mlp():
+    torch.manual_seed(0)
+    model = convert(_tanh_mlp(), "dfa", seed=1)
+    x, target = torch.randn(5, 6), torch.tensor([0, 3, 1, 2, 3])
+    F.cross_entropy(model(x), target).backward()
+
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    W = [m.weight.detach() for m in linears]
+    b = [m.bias.detach() for m in linears]
+    # Forward by hand: z_i = W_i y_{i-1} + b_i, y_i = tanh(z_i); the output layer is linear.
+    ys, zs = [x], []
+    for i in range(4):
+        zs.append(ys[-1] @ W[i].T + b[i])
+        ys.append(torch.tanh(zs[-1]) if i < 3 else zs[-1])
+    e = (torch.softmax(zs[3], dim=1) - F.one_hot(target, 4)) / 5  # dL/dz_N for the mean cross entropy
+    torch.testing.assert_close(linears[3].weight.grad, e.T @ ys[3])
+    for i in range(3):
+        # dW_i = ((B_i e) ⊙ φ'(z_i)) y_{i-1}^T; B_i maps the error to layer i's output, which is the
+        # next layer's input: that layer's feedback, (num_classes, width of y_i).
+        B = linears[i + 1].feedback
+        delta = (e @ B) * (1 - torch.tanh(zs[i]) ** 2)
+        torch.testing.assert_close(linears[i].weight.grad, delta.T @ ys[i])
+        torch.testing.assert_close(linears[i].bias.grad, delta.sum(0))
+
+
+def test_fa_and_dfa_agree_on_one_hidden_layer_with_the_same_feedback():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    fa, dfa = convert(net, "fa", seed=0), convert(net, "dfa", seed=1)
+    x, target = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    dfa(x)  # dfa's projections are made at the first forward
+    dfa[2].feedback.copy_(fa[2].feedback)  # (3, 10) both: the output error to the hidden layer
+    for model in (fa, dfa):
+        F.cross_entropy(model(x), target).backward()
+    for p, q in zip(fa.parameters(), dfa.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("method", ["usf", "frsf", "brsf"])
+def test_sign_concordant_feedback_follows_the_sign_of_w(method):
+    torch.manual_seed(0)
+    layer = Linear(20, 10, method=method, seed=0)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    signs = torch.sign(layer.weight.detach()).clone()
+    for _ in range(3):  # large steps flip some signs
+        opt.zero_grad()
+        layer(torch.randn(16, 20)).pow(2).sum().backward()
+        opt.step()
+        assert torch.equal(torch.sign(layer.effective_feedback()), torch.sign(layer.weight.detach()))
+    assert not torch.equal(signs, torch.sign(layer.weight.detach()))
+
+
+@pytest.mark.parametrize(("method", "changes"), [("brsf", True), ("frsf", False), ("usf", False)])
+def test_brsf_redraws_magnitudes_every_batch_and_frsf_keeps_them(method, changes):
+    layer = Linear(20, 10, method=method, seed=0)
+    x = torch.randn(4, 20)
+    seen = []
+    for _ in range(2):
+        layer(x).sum().backward()
+        seen.append(layer.feedback.clone())
+    assert (not torch.equal(seen[0], seen[1])) == changes
+    assert bool((seen[0] >= 0).all())
+
+
+def test_kp_feedback_gets_w_gradient_and_aligns_with_w():
+    torch.manual_seed(0)
+    model = convert(
+        nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)), "kp"
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-2)
+    opt.add_param_group({"params": feedback_parameters(model)})
+    teacher = nn.Linear(10, 3)
+    x = torch.randn(256, 10)
+    y = teacher(x).argmax(1)
+    first = [angle(m.weight, m.feedback) for m in model if isinstance(m, Linear)]
+    for step in range(300):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 0:
+            for m in model:
+                if isinstance(m, Linear):
+                    assert torch.equal(m.feedback.grad, m.weight.grad)
+        opt.step()
+    last = [angle(m.weight, m.feedback) for m in model if isinstance(m, Linear)]
+    assert all(a > 80 for a in first)
+    assert all(b < a - 20 for a, b in zip(first, last, strict=True)), (first, last)
+
+
+def test_bp_is_plain_autograd_bit_for_bit():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = convert(net, "bp")
+    x, target = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    for m in (net, model):
+        F.cross_entropy(m(x), target).backward()
+    for p, q in zip(net.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("method", ["fa", "dfa", "usf", "brsf", "frsf", "kp"])
+def test_exact_gradients_switches_any_rule_back_to_backprop(method):
+    torch.manual_seed(0)
+    net = _tanh_mlp()
+    model = convert(net, method, seed=0)
+    x, target = torch.randn(5, 6), torch.tensor([0, 3, 1, 2, 3])
+    F.cross_entropy(net(x), target).backward()
+    with exact_gradients():
+        F.cross_entropy(model(x), target).backward()
+    for p, q in zip(net.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
