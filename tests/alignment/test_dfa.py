@@ -121,7 +121,7 @@ def test_conv_projection_full_and_per_channel():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
                         nn.Flatten(), nn.Linear(6 * 4 * 4, 3))  # fmt: skip
     x = torch.randn(2, 1, 6, 6)
-    full, channel = convert(net, "dfa", seed=0), convert(net, "dfa", seed=0, projection="channel")
+    full, channel = convert(net, "dfa", seed=0), convert(net, "dfa", seed=0, dfa_projection="channel")
     for model in (full, channel):
         model(x).sum().backward()
     assert tuple(full[2].feedback.shape) == (3, 4, 6, 6)
@@ -129,7 +129,7 @@ def test_conv_projection_full_and_per_channel():
     assert tuple(channel[5].feedback.shape) == (3, 96)  # linear layers are always full
 
     # Per channel: the hidden conv's output gradient is e @ B, the same at every position.
-    probe = convert(net, "dfa", seed=0, projection="channel")
+    probe = convert(net, "dfa", seed=0, dfa_projection="channel")
     hidden = {}
 
     def keep_output_grad(module, grad_input, grad_output):

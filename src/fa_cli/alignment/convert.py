@@ -18,7 +18,7 @@ def convert(
     num_classes: int | None = None,
     seed: int | None = None,
     scale: float = 1.0,
-    projection: str = "full",
+    dfa_projection: str = "full",
 ) -> nn.Module:
     """A copy of ``module`` whose ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers learn with ``method``.
 
@@ -34,7 +34,7 @@ def convert(
         seed: makes every layer's feedback reproducible; layers get independent matrices. ``None``
             draws from the global RNG (so ``torch.manual_seed`` fixes it too).
         scale: multiplies the feedback's initial bound (see :mod:`fa_cli.alignment.feedback`).
-        projection: dfa on convolutions: ``"full"`` projects the error to every input position,
+        dfa_projection: dfa on convolutions: ``"full"`` projects the error to every input position,
             ``"channel"`` to one value per channel shared over space (for large feature maps).
 
     ``shallow`` freezes every parameter (``requires_grad=False``) except the output layer's: the
@@ -58,7 +58,7 @@ def convert(
         rule = "bp" if method == "shallow" and output_layer else method
         if not isinstance(layer, AlignmentLayer):
             layer.__class__ = CONVERTIBLE[type(layer)]  # same module, same parameters: a rule-aware class
-        layer.setup_rule(rule, scale=scale, seed=seeds[i], num_classes=num_classes, projection=projection)
+        layer.setup_rule(rule, scale=scale, seed=seeds[i], num_classes=num_classes, projection=dfa_projection)
         if method == "shallow" and output_layer:
             layer.requires_grad_(True)
     return model
