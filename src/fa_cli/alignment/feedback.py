@@ -84,5 +84,7 @@ def redraw_magnitude(feedback: Tensor, weight: Tensor, scale: float) -> None:
 def effective(method: str, weight: Tensor, feedback: Tensor) -> Tensor:
     """The matrix a weight-shaped rule sends errors through, for the weight as it is now."""
     if method in SIGN_CONCORDANT:
-        return torch.sign(weight.detach()) * feedback
+        # copysign is sign(W) * feedback in one pass (for a weight of exactly 0 it keeps the sign
+        # bit of that zero instead of giving 0), several times faster than the product on CPU.
+        return torch.copysign(feedback, weight.detach())
     return feedback
