@@ -1,0 +1,380 @@
+"""The config schema: one dataclass per kind of option in each group of ``conf/``, plus the checks
+that types cannot express.
+
+The dataclasses are registered in Hydra's ConfigStore under ``schema/<group>``; every yaml option
+names its schema in its defaults list (``- /schema/model/mlp@_here_``). Hydra then rejects a
+misspelt key or a wrong type while it composes, for every job of a sweep before the first starts.
+:func:`validate` adds what types cannot say (``lr > 0``, a known method, a torchvision model that
+exists) and returns typed objects. A schema field with a default is a knob most runs leave alone; a
+field without one (``MISSING``) is set by each option's yaml.
+
+Errors become :class:`ConfigError`: one line that names the key, which ``fa-train`` prints before
+exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. ``str()`` is one line that starts with the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class Abort(BaseException):
+    """Carries a config or data error past Hydra's handlers, which catch ``Exception`` (to print their
+    own multi-line report, or to turn a callback's error into a warning), up to ``fa-train``'s main,
+    which prints ``str(abort)`` as one line and exits with code 2. ``context`` says where (which job)."""
+
+    def __init__(self, error: Exception, context: str = "") -> None:
+        super().__init__(describe(error) + (f" ({context})" if context else ""))
+        self.error = error
+
+
+# --- dataset/ -------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    subset: int | None = None  # use only the first N training examples (null: all)
+    val_fraction: float = 0.1  # share of the training examples held out for model selection (0: none)
+
+
+@dataclass
+class FilesDatasetConfig(DatasetConfig):
+    """A torchvision dataset read from files under ``root`` (downloaded there when missing)."""
+
+    root: str = "${oc.env:FA_DATA_DIR,data}"
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    """Generated images: a smooth random template per class plus Gaussian noise. No files."""
+
+    train_size: int = MISSING
+    test_size: int = MISSING
+    noise: float = MISSING  # pixel noise over template contrast: higher is harder
+    channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+
+
+# --- model/ ---------------------------------------------------------------------------------------
+# The schema class says which builder in fa_cli.models makes the network; ``name`` is what results
+# and tables call it (for torchvision: the torchvision model's name).
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    widths: list[int] = MISSING  # hidden layer widths, input to output
+    activation: str = "relu"
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    channels: list[int] = MISSING  # one 3x3 conv (+ activation + 2x2 max-pool) per entry
+    hidden: int = MISSING  # width of the linear layer between the convs and the output
+    kernel_size: int = 3
+    activation: str = "relu"
+
+
+@dataclass
+class LeNetConfig(ModelConfig):
+    pass
+
+
+@dataclass
+class TorchvisionConfig(ModelConfig):
+    pass
+
+
+# --- method/ --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING  # the learning rule, one of fa_cli.alignment.METHODS
+    scale: float = MISSING  # multiplies the feedback matrices' initial bound
+
+
+@dataclass
+class DFAConfig(MethodConfig):
+    projection: str = MISSING  # full | channel: how the output error reaches a conv layer
+
+
+# --- optim/ ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none | step | multistep | cosine; stepped once per epoch
+    step_size: int = 30  # step: multiply the lr by gamma every step_size epochs
+    milestones: list[int] = field(default_factory=list)  # multistep: ... at these epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    momentum: float = MISSING
+    nesterov: bool = False
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+# --- trainer/ -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = 1000
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    patience: int | None = None  # stop once validation accuracy has not improved for this many epochs
+    deterministic: bool = True  # deterministic kernels on CUDA (same seed, same results)
+    threads: int | None = None  # torch.set_num_threads (null: torch's default)
+
+
+@dataclass
+class RunConfig:
+    """A validated run: what :func:`validate` returns."""
+
+    dataset: FilesDatasetConfig | SyntheticDatasetConfig
+    model: MLPConfig | CNNConfig | LeNetConfig | TorchvisionConfig
+    method: MethodConfig
+    optim: SGDConfig | AdamConfig
+    trainer: TrainerConfig
+    seed: int
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"files": FilesDatasetConfig, "synthetic": SyntheticDatasetConfig},
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig, "lenet": LeNetConfig, "torchvision": TorchvisionConfig},
+    "method": {"rule": MethodConfig, "dfa": DFAConfig},
+    "optim": {"sgd": SGDConfig, "adam": AdamConfig},
+    "trainer": {"trainer": TrainerConfig},
+}
+
+FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu")
+SCHEDULES = ("none", "step", "multistep", "cosine")
+PROJECTIONS = ("full", "channel")
+
+
+def register() -> None:
+    """Store the schemas as ``schema/<group>/<kind>``. Importing ``fa_cli.conf`` calls this."""
+    store = ConfigStore.instance()
+    for group, kinds in SCHEMAS.items():
+        for kind, schema in kinds.items():
+            store.store(group=f"schema/{group}", name=kind, node=schema)
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Typed objects for a composed config, or :class:`ConfigError` naming the first bad key.
+
+    Checks only the config itself (and that torchvision knows a model's name): it loads no data and
+    builds nothing, so it answers in milliseconds for every job of a sweep.
+    """
+    expected = {*SCHEMAS, "seed"}
+    for key in cfg:
+        if key not in expected:
+            raise ConfigError(str(key), f"unknown key{_hint(str(key), sorted(expected))}")
+    for group in SCHEMAS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or not is_dataclass(OmegaConf.get_type(node)):
+            raise ConfigError(group, f"missing or not built from a schema/{group} option")
+    try:
+        resolved = {key: OmegaConf.to_object(cfg[key]) for key in SCHEMAS}
+        seed = cfg.seed
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e.full_key), str(e).strip().splitlines()[0]) from e
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError("seed", f"must be an integer, got {seed!r}")
+    run = RunConfig(seed=seed, **resolved)
+    _check_dataset(run.dataset)
+    _check_model(run.model)
+    _check_method(run.method)
+    _check_optim(run.optim)
+    _check_trainer(run.trainer)
+    return run
+
+
+def _check_dataset(d: FilesDatasetConfig | SyntheticDatasetConfig) -> None:
+    if isinstance(d, FilesDatasetConfig):
+        _one_of("dataset.name", d.name, FILE_DATASETS)
+    else:
+        _one_of("dataset.name", d.name, ("synthetic",))
+        for key in ("train_size", "test_size", "channels", "image_size", "num_classes"):
+            _positive(f"dataset.{key}", getattr(d, key))
+        if d.num_classes < 2:
+            raise ConfigError("dataset.num_classes", f"needs at least 2 classes, got {d.num_classes}")
+        if d.noise < 0:
+            raise ConfigError("dataset.noise", f"must be >= 0, got {d.noise}")
+    if d.subset is not None:
+        _positive("dataset.subset", d.subset)
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError("dataset.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    if isinstance(m, MLPConfig | CNNConfig):
+        _one_of("model.activation", m.activation, ACTIVATIONS)
+    if isinstance(m, MLPConfig):
+        for i, width in enumerate(m.widths):
+            _positive(f"model.widths[{i}]", width)
+    if isinstance(m, CNNConfig):
+        if not m.channels:
+            raise ConfigError("model.channels", "needs at least one conv layer")
+        for i, width in enumerate(m.channels):
+            _positive(f"model.channels[{i}]", width)
+        _positive("model.hidden", m.hidden)
+        if m.kernel_size < 1 or m.kernel_size % 2 == 0:
+            raise ConfigError("model.kernel_size", f"must be odd and positive, got {m.kernel_size}")
+    if isinstance(m, TorchvisionConfig):
+        from torchvision import models
+
+        names = models.list_models(module=models)
+        if m.name not in names:
+            raise ConfigError(
+                "model.name",
+                f"unknown torchvision classifier {m.name!r}{_hint(m.name, names)}; list them with "
+                "python -c 'import torchvision; print(torchvision.models.list_models(torchvision.models))'",
+            )
+
+
+def _check_method(m: MethodConfig) -> None:
+    from fa_cli.alignment import METHODS
+
+    _one_of("method.name", m.name, METHODS)
+    _positive("method.scale", m.scale)
+    if isinstance(m, DFAConfig):
+        _one_of("method.projection", m.projection, PROJECTIONS)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    _positive("optim.lr", o.lr)
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _positive("optim.step_size", o.step_size)
+    _positive("optim.gamma", o.gamma)
+    if o.schedule == "multistep":
+        if not o.milestones:
+            raise ConfigError("optim.milestones", "multistep needs milestones, e.g. optim.milestones=[50,75]")
+        if any(m < 1 for m in o.milestones) or sorted(set(o.milestones)) != o.milestones:
+            raise ConfigError("optim.milestones", f"must be increasing epochs >= 1, got {o.milestones}")
+    if isinstance(o, SGDConfig) and not 0 <= o.momentum < 1:
+        raise ConfigError("optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    if isinstance(o, SGDConfig) and o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov", "needs optim.momentum > 0")
+    if isinstance(o, AdamConfig):
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+        _positive("optim.eps", o.eps)
+
+
+def _check_trainer(t: TrainerConfig) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.patience is not None:
+        _positive("trainer.patience", t.patience)
+    if t.threads is not None:
+        _positive("trainer.threads", t.threads)
+    device = t.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError("trainer.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:  # also rejects NaN
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        choices = ", ".join(allowed)
+        raise ConfigError(key, f"unknown value {value!r}{_hint(value, allowed)}; choose one of: {choices}")
+
+
+# --- one-line messages for Hydra's and OmegaConf's errors -----------------------------------------
+
+
+def describe(error: BaseException) -> str:
+    """One line for a config error raised by fa-cli, Hydra or OmegaConf, naming the key."""
+    if isinstance(error, Abort) or type(error).__module__.startswith("fa_cli."):
+        return str(error)  # fa-cli's own errors are written as one line for users
+    if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")  # an unknown option of a config group
+        choices = ", ".join(error.options)
+        return f"{group}={option}: no such option{_hint(option, error.options)}; choose one of: {choices}"
+    omega = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    if isinstance(omega, OmegaConfBaseException) and omega.full_key:
+        key = str(omega.full_key)
+        parent, _, leaf = key.rpartition(".")
+        valid = [f.name for f in fields(omega.object_type)] if is_dataclass(omega.object_type) else []
+        if valid and leaf not in valid:  # a misspelt or extra key
+            hint = _hint(leaf, valid, prefix=f"{parent}." if parent else "")
+            return f"{key}: unknown key{hint}; valid keys: {', '.join(valid)}"
+        return f"{key}: {str(omega).strip().splitlines()[0]}"
+    # Hydra's override-syntax errors and the like: keep the words, drop the layout.
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _hint(word: str, choices: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+# --- sweeps ---------------------------------------------------------------------------------------
+
+
+class ValidateSweep(Callback):
+    """Validates every job of a multirun before the first one trains, so a bad value in the last
+    job fails in seconds instead of after hours of the others."""
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+            return  # other sweepers choose their jobs as they go: each job validates itself
+        params = config.hydra.sweeper.get("params") or {}
+        arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        try:
+            overrides = OverridesParser.create().parse_overrides(arguments)
+            jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        except HydraException:
+            return  # e.g. glob() sweeps need Hydra's config loader to expand: each job validates itself
+        for job in jobs:
+            try:
+                validate(compose(config_name=config_name, overrides=list(job)))
+            except (ConfigError, HydraException, OmegaConfBaseException) as e:
+                raise Abort(e, context=f"job {' '.join(job)}") from e
