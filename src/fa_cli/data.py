@@ -1,0 +1,193 @@
+"""Datasets as normalised tensors on the training device, split into train, validation and test.
+
+Everything fits in memory (MNIST in float32 is 220 MB), so each split is loaded once and a batch is
+a gather with an index tensor: no DataLoader, no per-sample Python transforms in the hot loop.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from fa_cli.config import FilesDatasetConfig, SyntheticDatasetConfig
+
+
+class DataError(RuntimeError):
+    """Dataset files that are missing (and cannot be downloaded) or unreadable. One line."""
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    channels: int
+    size: int  # images are size x size
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """A torchvision dataset whose files fetch_files() can download."""
+
+    cls: type[datasets.VisionDataset]
+    shape: ImageShape
+
+
+SOURCES = {
+    "mnist": Source(datasets.MNIST, ImageShape(1, 28, 10)),
+    "fashion_mnist": Source(datasets.FashionMNIST, ImageShape(1, 28, 10)),
+    "cifar10": Source(datasets.CIFAR10, ImageShape(3, 32, 10)),
+}
+
+# Generated datasets are fixed tasks: the run's seed changes the split, the weights and the batch
+# order, never the images themselves.
+SYNTHETIC_SEED = 0
+
+
+@dataclass
+class Split:
+    inputs: Tensor  # (N, C, H, W) float32, normalised
+    targets: Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split | None  # None when dataset.val_fraction is 0
+    test: Split
+    shape: ImageShape
+
+
+def shape_of(cfg: FilesDatasetConfig | SyntheticDatasetConfig) -> ImageShape:
+    """The images' shape and class count, known before any data loads (models are built from it)."""
+    if isinstance(cfg, SyntheticDatasetConfig):
+        return ImageShape(cfg.channels, cfg.image_size, cfg.num_classes)
+    return SOURCES[cfg.name].shape
+
+
+def load(cfg: FilesDatasetConfig | SyntheticDatasetConfig, device: torch.device, seed: int) -> Data:
+    """Train, validation and test splits on ``device``, normalised with the training split's per-channel
+    mean and std. Validation is a seeded random ``val_fraction`` of the (first ``subset``) training
+    examples; test is the official test set."""
+    if isinstance(cfg, SyntheticDatasetConfig):
+        (train_x, train_y), (test_x, test_y) = _synthetic(cfg)
+    else:
+        (train_x, train_y), (test_x, test_y) = _read(cfg)
+    if cfg.subset is not None:
+        if cfg.subset > len(train_y):
+            raise DataError(f"dataset.subset={cfg.subset} is more than the {len(train_y)} training examples")
+        train_x, train_y = train_x[: cfg.subset], train_y[: cfg.subset]
+
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
+    num_val = math.ceil(cfg.val_fraction * len(train_y))  # at least one example when val_fraction > 0
+    if num_val >= len(train_y):
+        raise DataError(f"dataset.val_fraction={cfg.val_fraction} leaves no training examples")
+    val_index, train_index = order[:num_val], order[num_val:]
+
+    images = train_x[train_index].float().div_(255)
+    mean = images.mean(dim=(0, 2, 3), keepdim=True)
+    std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def split(x: Tensor, y: Tensor) -> Split:
+        x = (x.float().div_(255) - mean) / std
+        return Split(x.contiguous().to(device), y.long().to(device))
+
+    return Data(
+        train=split(train_x[train_index], train_y[train_index]),
+        val=split(train_x[val_index], train_y[val_index]) if num_val else None,
+        test=split(test_x, test_y),
+        shape=shape_of(cfg),
+    )
+
+
+def _read(cfg: FilesDatasetConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(images uint8 (N, C, H, W), labels) for the official train and test sets, downloading them if
+    files are missing and the network is there."""
+    source = SOURCES[cfg.name]
+    root = Path(cfg.root).expanduser().resolve()
+    folder, missing = _missing_files(source, root)
+    if missing:
+        _download(cfg.name, source, root, folder, missing)
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = source.cls(str(root), train=train, download=False)
+        except Exception as e:  # unreadable or corrupt files: say which dataset and where
+            raise DataError(f"dataset {cfg.name}: cannot read files in {folder}: {e}") from e
+        images = torch.as_tensor(dataset.data)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # to (N, C, H, W)
+        labels = torch.as_tensor(dataset.targets)
+        shape = source.shape
+        if images.shape[1:] != (shape.channels, shape.size, shape.size) or len(labels) != len(images):
+            raise DataError(
+                f"dataset {cfg.name}: files in {folder} hold {len(images)} images of shape "
+                f"{tuple(images.shape[1:])} and {len(labels)} labels; expected {shape.channels}x{shape.size}x"
+                f"{shape.size} images, one label each"
+            )
+        splits.append((images, labels))
+    return splits[0], splits[1]
+
+
+def _missing_files(source: Source, root: Path) -> tuple[Path, list[str]]:
+    """The folder torchvision reads the dataset from, and which of its files are not there."""
+    cls = source.cls
+    if issubclass(cls, datasets.MNIST):  # MNIST, FashionMNIST: decompressed idx files
+        folder = root / cls.__name__ / "raw"
+        names = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
+    else:  # CIFAR10: the unpacked python batches
+        folder = root / cls.base_folder
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return folder, [name for name in names if not (folder / name).is_file()]
+
+
+def _download(name: str, source: Source, root: Path, folder: Path, missing: list[str]) -> None:
+    cls = source.cls
+    url = cls.mirrors[0] if hasattr(cls, "mirrors") else cls.url
+    if not _online(url):
+        raise DataError(
+            f"dataset.root={root}: {', '.join(missing)} not found in {folder} and no network to download "
+            f"them; put the files there, or point dataset.root= (or FA_DATA_DIR) at the folder that holds "
+            f"{folder.relative_to(root)}/"
+        )
+    try:
+        cls(str(root), train=True, download=True)  # fetches the train and test files together
+    except Exception as e:
+        raise DataError(f"dataset {name}: download into {root} failed: {e}") from e
+
+
+def _online(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url``'s server answers within ``timeout`` seconds (through any configured proxy), so
+    that an offline machine fails fast instead of hanging on a download."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # the server answered, even if not with 200 for a HEAD on a folder
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _synthetic(cfg: SyntheticDatasetConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A smooth random template per class (a low-resolution pattern upsampled to image size) plus
+    Gaussian pixel noise: learnable by any model in a few epochs, with image structure for convs."""
+    g = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    coarse = torch.randn(cfg.num_classes, cfg.channels, 7, 7, generator=g)
+    templates = torch.nn.functional.interpolate(coarse, size=cfg.image_size, mode="bilinear")
+    templates = templates / templates.std()
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        labels = torch.randint(cfg.num_classes, (n,), generator=g)
+        pixels = templates[labels] + cfg.noise * torch.randn(n, *templates.shape[1:], generator=g)
+        # To uint8 like the real datasets (so every source is normalised alike), 3 std either side of 128.
+        pixels = pixels / math.sqrt(1 + cfg.noise**2) * 40 + 128
+        return pixels.round_().clamp_(0, 255).to(torch.uint8), labels
+
+    return sample(cfg.train_size), sample(cfg.test_size)

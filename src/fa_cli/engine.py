@@ -1,0 +1,128 @@
+"""The training loop: ``fit`` yields one record per epoch, ``evaluate`` measures a split.
+
+Knows nothing of Hydra or files. Per-batch losses and correct counts stay on the device and are read
+once per progress refresh and once per epoch, so a GPU is never stalled waiting for the host.
+Accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from fa_cli.data import Data, Split
+
+#: Called with (epoch, step, steps, running loss, running accuracy) at most every REFRESH_SECONDS.
+Progress = Callable[[int, int, int, float, float], None]
+REFRESH_SECONDS = 0.5
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None  # None without a validation split
+    val_accuracy: float | None
+    lr: float  # the learning rate this epoch trained with
+    seconds: float
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite at ``step`` (counted from 1) of ``epoch``."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"training loss is not finite at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    data: Data,
+    *,
+    epochs: int,
+    batch_size: int,
+    eval_batch_size: int,
+    generator: torch.Generator,
+    first_epoch: int = 1,
+    progress: Progress | None = None,
+) -> Iterator[EpochRecord]:
+    """Train from ``first_epoch`` to ``epochs`` (inclusive), yielding after each epoch (after validation
+    and the scheduler step), so the caller can checkpoint, select and stop early between epochs.
+    ``generator`` draws each epoch's batch order. Raises :class:`Diverged`."""
+    for epoch in range(first_epoch, epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_accuracy = train_epoch(
+            model, optimizer, data.train, batch_size, generator, epoch=epoch, progress=progress
+        )
+        val_loss, val_accuracy = evaluate(model, data.val, eval_batch_size) if data.val else (None, None)
+        scheduler.step()
+        seconds = time.perf_counter() - start
+        yield EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Split,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    epoch: int = 1,
+    progress: Progress | None = None,
+) -> tuple[float, float]:
+    """One pass over ``split`` in a random order; returns its mean loss and accuracy."""
+    model.train()
+    device = split.targets.device
+    batches = torch.randperm(len(split), generator=generator).to(device).split(batch_size)
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches = batches[:-1]  # BatchNorm cannot train on a single example
+    sizes = torch.tensor([len(index) for index in batches], device=device)
+    losses = torch.zeros(len(batches), device=device)  # mean loss of each batch
+    correct = torch.zeros(len(batches), device=device, dtype=torch.long)
+    last_refresh = time.monotonic()
+    for step, index in enumerate(batches):
+        inputs, targets = split.inputs[index], split.targets[index]
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses[step] = loss.detach()
+        correct[step] = (logits.argmax(dim=1) == targets).sum()
+        last = step == len(batches) - 1
+        if last or (progress is not None and time.monotonic() - last_refresh >= REFRESH_SECONDS):
+            done = slice(0, step + 1)
+            loss_sum, seen = (losses[done] * sizes[done]).sum().item(), sizes[done].sum().item()
+            if not math.isfinite(loss_sum):
+                bad_step = int(torch.nonzero(~torch.isfinite(losses[done]))[0]) + 1
+                raise Diverged(epoch, bad_step)
+            accuracy = 100.0 * correct[done].sum().item() / seen
+            if progress is not None:
+                progress(epoch, step + 1, len(batches), loss_sum / seen, accuracy)
+            last_refresh = time.monotonic()
+    return loss_sum / seen, accuracy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` (in eval mode) on ``split``."""
+    model.eval()
+    loss = torch.zeros((), device=split.targets.device)
+    correct = torch.zeros((), device=split.targets.device, dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        inputs, targets = split.inputs[start : start + batch_size], split.targets[start : start + batch_size]
+        logits = model(inputs)
+        loss += F.cross_entropy(logits, targets, reduction="sum")
+        correct += (logits.argmax(dim=1) == targets).sum()
+    return loss.item() / len(split), 100.0 * correct.item() / len(split)

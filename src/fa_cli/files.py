@@ -1,0 +1,53 @@
+"""Run files written atomically: a temporary file in the same folder, flushed to disk, then renamed over
+the target. A process killed at any moment leaves the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+def _replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    _replace(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> None:
+    write_text(path, csv_text(rows, fieldnames))
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """``torch.save`` of tensors, numbers, strings and containers only, so that it loads with
+    ``torch.load(path, weights_only=True)``."""
+    _replace(path, lambda f: torch.save(dict(state), f))

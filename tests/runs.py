@@ -1,0 +1,37 @@
+"""fa-train and fa-report as subprocesses, with tiny settings (imported by the runner's tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Seconds-long runs on generated data. One thread: tiny models gain nothing from two, and two threads
+# slow down many times when another process (a second test, a build) is busy on a 2-core machine.
+SMOKE = [
+    "dataset=synthetic",
+    "dataset.train_size=600",
+    "dataset.test_size=200",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "trainer.threads=1",
+]
+MNIST_RAW = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300):
+    """``python -m <module> args...`` in ``cwd``; returns the CompletedProcess (text, both streams)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
