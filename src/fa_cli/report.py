@@ -1,0 +1,225 @@
+"""Result tables from run folders: rich, Markdown and CSV. One code path serves ``fa-report`` and the
+callback that writes ``summary.md`` and ``summary.csv`` when a sweep ends.
+
+    fa-report outputs/multirun/2025-01-01/12-00-00          # print the tables
+    fa-report outputs/ --format markdown                      # every run under outputs/, as Markdown
+    fa-report outputs/multirun/2025-01-01/12-00-00 --write    # (re)write summary.md and summary.csv there
+
+One table per (dataset, model), one row per method in the report's format (Method | Test Accuracy |
+Loss), mean ± sample std over the completed runs, and how many runs are behind each row. Runs that
+did not complete (diverged, failed, interrupted, still running) are counted, never averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from fa_cli.alignment import METHODS
+from fa_cli.files import csv_text, write_csv, write_text
+
+LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF", "kp": "KP"}
+HEADER = ("Method", "Test Accuracy", "Loss", "Runs")
+CSV_FIELDS = [
+    "dataset",
+    "model",
+    "method",
+    "runs",
+    "completed",
+    "test_accuracy_mean",
+    "test_accuracy_std",
+    "test_loss_mean",
+    "test_loss_std",
+    "statuses",
+]
+
+
+@dataclass
+class Row:
+    """The runs of one method on one (dataset, model)."""
+
+    method: str
+    statuses: Counter[str] = field(default_factory=Counter)
+    accuracies: list[float] = field(default_factory=list)  # of completed runs, percent
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def runs(self) -> int:
+        return sum(self.statuses.values())
+
+    def cells(self) -> tuple[str, str, str, str]:
+        """The row as the report prints it."""
+        label = LABELS.get(self.method, self.method.capitalize())
+        return label, _mean_std(self.accuracies, 2, " %"), _mean_std(self.losses, 4), self._runs_cell()
+
+    def _runs_cell(self) -> str:
+        completed = self.statuses["completed"]
+        if completed == self.runs:
+            return str(completed)
+        others = {status: n for status, n in self.statuses.items() if status != "completed"}
+        return f"{completed} of {self.runs} ({_counts(others)})"
+
+
+Tables = dict[tuple[str, str], list[Row]]
+
+
+def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every ``results.json`` under ``paths`` (folders of runs or sweeps, or single files), in path order.
+    Unreadable files are skipped with a warning: a report should not die of one broken run."""
+    results = []
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(path.glob("**/results.json"))
+        for file in files:
+            try:
+                results.append(json.loads(file.read_text()))
+            except (OSError, ValueError) as e:
+                print(f"fa-report: skipping {file}: {e}", file=sys.stderr)
+    return results
+
+
+def summarize(results: Iterable[dict[str, Any]]) -> Tables:
+    """Group runs into tables by (dataset, model) and rows by method (in ``METHODS`` order)."""
+    rows: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in results:
+        key = (str(r.get("dataset")), str(r.get("model")))
+        method = str(r.get("method"))
+        row = rows.setdefault(key, {}).setdefault(method, Row(method))
+        status = r.get("status") or "unknown"
+        row.statuses[status] += 1
+        if status == "completed":
+            row.accuracies.append(float(r["test_accuracy"]))
+            row.losses.append(float(r["test_loss"]))
+
+    def order(row: Row) -> tuple[int, str]:
+        return (METHODS.index(row.method) if row.method in METHODS else len(METHODS), row.method)
+
+    return {key: sorted(by_method.values(), key=order) for key, by_method in sorted(rows.items())}
+
+
+def to_markdown(tables: Tables) -> str:
+    lines = ["# Results", ""]
+    for (dataset, model), rows in tables.items():
+        lines += [f"## {dataset} · {model}", "", _md_row(HEADER), "|---|---:|---:|---:|"]
+        lines += [_md_row(row.cells()) for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_csv_rows(tables: Tables) -> list[dict[str, Any]]:
+    def stat(values: list[float], fn: Any, digits: int) -> float | None:
+        return round(fn(values), digits) if len(values) >= (2 if fn is statistics.stdev else 1) else None
+
+    return [
+        {
+            "dataset": dataset,
+            "model": model,
+            "method": row.method,
+            "runs": row.runs,
+            "completed": row.statuses["completed"],
+            "test_accuracy_mean": stat(row.accuracies, statistics.mean, 4),
+            "test_accuracy_std": stat(row.accuracies, statistics.stdev, 4),
+            "test_loss_mean": stat(row.losses, statistics.mean, 6),
+            "test_loss_std": stat(row.losses, statistics.stdev, 6),
+            "statuses": ";".join(f"{status}:{n}" for status, n in sorted(row.statuses.items())),
+        }
+        for (dataset, model), rows in tables.items()
+        for row in rows
+    ]
+
+
+def to_rich(tables: Tables) -> list[Table]:
+    out = []
+    for (dataset, model), rows in tables.items():
+        table = Table(title=f"{dataset} · {model}")
+        for i, name in enumerate(HEADER):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row.cells())
+        out.append(table)
+    return out
+
+
+def write_summary(folder: Path, tables: Tables) -> None:
+    """``summary.md`` and ``summary.csv`` in ``folder``."""
+    write_text(Path(folder) / "summary.md", to_markdown(tables))
+    write_csv(Path(folder) / "summary.csv", to_csv_rows(tables), CSV_FIELDS)
+
+
+class SweepSummary(Callback):
+    """When a multirun ends: summary.md and summary.csv in the sweep folder, the tables on the console,
+    and exit code 1 if any run did not complete (after its siblings all ran)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        results = collect([sweep_dir])
+        tables = summarize(results)
+        write_summary(sweep_dir, tables)
+        console = Console()
+        for table in to_rich(tables):
+            console.print(table)
+        console.print(f"summary: {sweep_dir / 'summary.md'}, {sweep_dir / 'summary.csv'}")
+        incomplete = Counter(r.get("status") for r in results if r.get("status") != "completed")
+        if incomplete:
+            count = f"{sum(incomplete.values())} of {len(results)} runs"
+            print(f"fa-train: {count} did not complete ({_counts(incomplete)})", file=sys.stderr)
+            raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fa-report", description="Result tables from fa-train run folders.")
+    add = parser.add_argument
+    add("paths", nargs="+", type=Path, help="run or sweep folders (searched for results.json)")
+    add("--format", choices=("rich", "markdown", "csv"), default="rich", help="what to print")
+    add("--write", action="store_true", help="write summary.md and summary.csv in the first PATH")
+    args = parser.parse_args(argv)
+
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(map(str, missing))}")
+    tables = summarize(collect(args.paths))
+    if not tables:
+        parser.error(f"no results.json under {', '.join(map(str, args.paths))}")
+    if args.format == "markdown":
+        print(to_markdown(tables), end="")
+    elif args.format == "csv":
+        print(csv_text(to_csv_rows(tables), CSV_FIELDS), end="")
+    else:
+        console = Console()
+        for table in to_rich(tables):
+            console.print(table)
+    if args.write:
+        folder = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
+        write_summary(folder, tables)
+        print(f"wrote {folder / 'summary.md'} and {folder / 'summary.csv'}", file=sys.stderr)
+
+
+def _mean_std(values: list[float], digits: int, unit: str = "") -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{unit}"
+
+
+def _counts(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+
+
+def _md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    main()

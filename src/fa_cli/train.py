@@ -1,0 +1,367 @@
+"""``fa-train``: compose a run from ``conf/``, train it, and write its files.
+
+    fa-train method=dfa model=cnn                          # one run, under outputs/
+    fa-train -m method=bp,fa,dfa model=ann,cnn seed=0,1,2  # a grid; summary.md in the sweep folder
+
+A run directory holds Hydra's config (``.hydra/``), ``train.log``, ``metrics.csv`` (a row per epoch),
+``checkpoint.pt`` and ``results.json``. Exit codes: 0 completed, 1 crashed, 2 bad config or data,
+3 diverged, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import fa_cli
+from fa_cli import data, engine, models
+from fa_cli.alignment import convert
+from fa_cli.config import Abort, ConfigError, DFAConfig, RunConfig, describe, validate
+from fa_cli.files import save_checkpoint, write_csv, write_json
+from fa_cli.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+console = Console()  # rich's progress bar and tables; log lines go through rich too (conf/hydra/job_logging)
+
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}
+IDENTITY = ("method", "model", "dataset")  # with the seed, what names a run in results and tables
+METRICS = [f.name for f in dataclasses.fields(engine.EpochRecord)]
+
+
+def main() -> None:
+    """Console entry point: Hydra's command line, with config and data errors reported as one line
+    (exit code 2) unless ``HYDRA_FULL_ERROR=1`` asks for the traceback."""
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # With this set, Hydra re-raises errors instead of printing its multi-line report; we report below.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops a run like Ctrl-C does
+    try:
+        hydra_main()
+    except (Abort, HydraException, OmegaConfBaseException) as error:
+        if full_error:
+            raise
+        print(f"fa-train: error: {describe(error)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("fa-train: interrupted", file=sys.stderr)
+        sys.exit(EXIT_CODES["interrupted"])
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@hydra.main(version_base=None, config_path="pkg://fa_cli.conf", config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        results = train(validate(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
+    except Exception as error:
+        _record_failure(run_dir, cfg, error)
+        if not sweep:
+            if isinstance(error, ConfigError | data.DataError):
+                raise Abort(error) from error
+            raise
+        # One failed job must not lose the others: it is recorded, and the sweep goes on.
+        log.error(f"run failed: {describe(error)}")
+        return
+    if not sweep and results["status"] != "completed":
+        sys.exit(EXIT_CODES[results["status"]])
+
+
+def train(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train one validated config, writing ``metrics.csv``, ``checkpoint.pt`` and ``results.json`` into
+    ``run_dir``. Returns the results. Model selection uses the validation split, never the test set."""
+    started = time.time()
+    device = pick_device(cfg.trainer.device)
+    seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+
+    # The model before the data: a model that cannot take the dataset's images fails in seconds.
+    shape = data.shape_of(cfg.dataset)
+    network = models.build(
+        cfg.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
+    )
+    projection = cfg.method.projection if isinstance(cfg.method, DFAConfig) else "full"
+    model = convert(
+        network,
+        cfg.method.name,
+        num_classes=shape.num_classes,
+        seed=cfg.seed,
+        scale=cfg.method.scale,
+        dfa_projection=projection,
+    )
+    results: dict[str, Any] = {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "status": "running",
+        "test_accuracy": None,
+        "test_loss": None,
+        "best_val_accuracy": None,
+        "best_epoch": None,
+        "epochs_completed": 0,
+        "epochs": cfg.trainer.epochs,
+        "wall_seconds": None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fa_cli": fa_cli.__version__,
+        "host": platform.node(),
+        "started_at": _now(),
+        "overrides": overrides or [],
+        "config": dataclasses.asdict(cfg),
+    }
+    write_json(run_dir / "results.json", results)
+
+    splits = data.load(cfg.dataset, device, cfg.seed)
+    results.update(
+        train_examples=len(splits.train),
+        val_examples=len(splits.val) if splits.val else 0,
+        test_examples=len(splits.test),
+    )
+    model.to(device)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.trainer.epochs)
+    batch_order = torch.Generator().manual_seed(cfg.seed)
+    log.info(
+        f"{cfg.method.name} on {cfg.model.name} ({results['parameters']:,} parameters), {cfg.dataset.name}: "
+        f"{len(splits.train):,} train / {results['val_examples']:,} val / {len(splits.test):,} test, "
+        f"{results['device']}, seed {cfg.seed} -> {run_dir}"
+    )
+
+    history: list[engine.EpochRecord] = []
+    write_csv(run_dir / "metrics.csv", [], METRICS)  # the header now: the file exists from the start
+    selected = Selection()
+    status = "completed"
+    try:
+        with ProgressBar(cfg.trainer.epochs) as on_step:
+            for record in engine.fit(
+                model,
+                optimizer,
+                scheduler,
+                splits,
+                epochs=cfg.trainer.epochs,
+                batch_size=cfg.trainer.batch_size,
+                eval_batch_size=cfg.trainer.eval_batch_size,
+                generator=batch_order,
+                progress=on_step,
+            ):
+                history.append(record)
+                write_csv(run_dir / "metrics.csv", map(dataclasses.asdict, history), METRICS)
+                selected.offer(record, model)
+                save_checkpoint(
+                    run_dir / "checkpoint.pt",
+                    {
+                        "epoch": record.epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "best_model": selected.state,
+                        "best_epoch": selected.epoch,
+                        "rng": _rng_state(batch_order),
+                        "config": dataclasses.asdict(cfg),
+                    },
+                )
+                log.info(_epoch_line(record, cfg.trainer.epochs))
+                patience = cfg.trainer.patience
+                if patience and record.val_accuracy is not None and record.epoch - selected.epoch >= patience:
+                    log.info(f"early stop: validation accuracy has not improved for {patience} epochs")
+                    break
+    except engine.Diverged as e:
+        status = "diverged"
+        results["diverged_at"] = {"epoch": e.epoch, "step": e.step}
+        log.warning(f"diverged: {e}")
+    except KeyboardInterrupt:
+        results.update(status="interrupted", **selected.summary(), **_progress(history, started))
+        write_json(run_dir / "results.json", results)
+        log.warning(f"interrupted after {len(history)} epochs; files in {run_dir}")
+        raise
+
+    if status == "completed":
+        model.load_state_dict(selected.state)
+        results["test_loss"], results["test_accuracy"] = engine.evaluate(
+            model, splits.test, cfg.trainer.eval_batch_size
+        )
+    results.update(status=status, **selected.summary(), **_progress(history, started))
+    write_json(run_dir / "results.json", results)
+    console.print(_results_table(results, run_dir))
+    return results
+
+
+@dataclasses.dataclass
+class Selection:
+    """The epoch whose model is tested: the best validation accuracy, lower validation loss breaking
+    ties; the last epoch when there is no validation split. Never chosen by test metrics."""
+
+    epoch: int = 0
+    score: tuple[float, float] | None = None  # (validation accuracy, -validation loss)
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, record: engine.EpochRecord, model: torch.nn.Module) -> None:
+        if record.val_accuracy is not None and record.val_loss is not None:
+            score = (record.val_accuracy, -record.val_loss)
+            if self.score is not None and score <= self.score:
+                return
+            self.score = score
+        self.epoch = record.epoch
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {"best_val_accuracy": self.score[0] if self.score else None, "best_epoch": self.epoch or None}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is a GPU, else the CPU. Asking for CUDA without it is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+            message = f"{name} but CUDA is not available ({built}); use trainer.device=cpu or auto"
+            raise ConfigError("trainer.device", message)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("trainer.device", f"{name} but there are {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Same seed, same run on the same machine: weights, feedback, split and batch order all follow it."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _progress(history: list[engine.EpochRecord], started: float) -> dict[str, Any]:
+    return {
+        "epochs_completed": len(history),
+        "wall_seconds": round(time.time() - started, 2),
+        "finished_at": _now(),
+    }
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
+    """Mark the run failed in results.json, keeping what train() wrote, or naming the run from the raw
+    config when it failed before (a config error)."""
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {key: OmegaConf.select(cfg, f"{key}.name", default=None) for key in IDENTITY}
+        results["seed"] = OmegaConf.select(cfg, "seed", default=None)
+    results.update(status="failed", error=describe(error), finished_at=_now())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+
+
+def _rng_state(batch_order: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "batch_order": batch_order.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _epoch_line(r: engine.EpochRecord, epochs: int) -> str:
+    val = f"val loss {r.val_loss:.4f} acc {r.val_accuracy:.2f}%  " if r.val_accuracy is not None else ""
+    return (
+        f"epoch {r.epoch}/{epochs}  train loss {r.train_loss:.4f} acc {r.train_accuracy:.2f}%  {val}"
+        f"lr {r.lr:.3g}  {r.seconds:.1f}s"
+    )
+
+
+class ProgressBar:
+    """A rich bar over the current epoch's steps with the running loss and accuracy. Used as a context
+    manager that gives the ``progress`` callback for :func:`engine.fit`."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,  # the per-epoch log lines stay; the bar goes when the run ends
+        )
+        self.task = self.bar.add_task("", total=None, stats="")
+
+    def __enter__(self) -> engine.Progress:
+        self.bar.start()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def update(self, epoch: int, step: int, steps: int, loss: float, accuracy: float) -> None:
+        self.bar.update(
+            self.task,
+            description=f"epoch {epoch}/{self.epochs}",
+            completed=step,
+            total=steps,
+            stats=f"loss {loss:.4f}  acc {accuracy:.2f}%",
+        )
+
+
+def _results_table(results: dict[str, Any], run_dir: Path) -> Table:
+    def number(value: float | None, unit: str = "", digits: int = 4) -> str:
+        return "—" if value is None else f"{value:.{digits}f}{unit}"
+
+    title = " · ".join(str(results[key]) for key in IDENTITY)
+    table = Table(title=f"{title} · seed {results['seed']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", results["status"])
+    table.add_row("test accuracy", number(results["test_accuracy"], " %", 2))
+    table.add_row("test loss", number(results["test_loss"]))
+    table.add_row("best val accuracy", number(results["best_val_accuracy"], " %", 2))
+    table.add_row("selected epoch", str(results["best_epoch"] or "—"))
+    table.add_row("epochs", f"{results['epochs_completed']}/{results['epochs']}")
+    table.add_row("wall time", f"{results['wall_seconds']:.1f} s")
+    table.add_row("device", results["device"])
+    table.add_row("files", str(run_dir))
+    return table
+
+
+if __name__ == "__main__":
+    main()
