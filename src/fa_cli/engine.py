@@ -92,7 +92,7 @@ def train_epoch(
     correct = torch.zeros(len(batches), device=device, dtype=torch.long)
     last_refresh = time.monotonic()
     for step, index in enumerate(batches):
-        inputs, targets = split.inputs[index], split.targets[index]
+        inputs, targets = split.inputs.index_select(0, index), split.targets.index_select(0, index)
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
