@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -146,6 +147,33 @@ def test_a_diverging_run_stops_and_says_so(fa_train, tmp_path):
         == results["epochs_completed"]
         == results["diverged_at"]["epoch"] - 1
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_records_it_and_keeps_its_files(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    args = [*SMOKE, "trainer.epochs=100000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fa_cli.train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().endswith("fa-train: interrupted")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["epochs_completed"] >= 1
+    assert len(read_metrics(run_dir)) == results["epochs_completed"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ A run directory holds Hydra's config (``.hydra/``), ``train.log``, ``metrics.csv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +19,9 @@ import platform
 import random
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from fa_cli.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 console = Console()  # rich's progress bar and tables; log lines go through rich too (conf/hydra/job_logging)
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}
 IDENTITY = ("method", "model", "dataset")  # with the seed, what names a run in results and tables
 METRICS = [f.name for f in dataclasses.fields(engine.EpochRecord)]
@@ -55,7 +59,7 @@ def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # With this set, Hydra re-raises errors instead of printing its multi-line report; we report below.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops a run like Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops a run as Ctrl-C does
     try:
         hydra_main()
     except (Abort, HydraException, OmegaConfBaseException) as error:
@@ -70,6 +74,23 @@ def main() -> None:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt if one came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda n, _: received.append(n)) for signum in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 @hydra.main(version_base=None, config_path="pkg://fa_cli.conf", config_name="train")
@@ -94,125 +115,158 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def train(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one validated config, writing ``metrics.csv``, ``checkpoint.pt`` and ``results.json`` into
-    ``run_dir``. Returns the results. Model selection uses the validation split, never the test set."""
-    started = time.time()
-    device = pick_device(cfg.trainer.device)
-    seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-
-    # The model before the data: a model that cannot take the dataset's images fails in seconds.
-    shape = data.shape_of(cfg.dataset)
-    network = models.build(
-        cfg.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
-    )
-    projection = cfg.method.projection if isinstance(cfg.method, DFAConfig) else "full"
-    model = convert(
-        network,
-        cfg.method.name,
-        num_classes=shape.num_classes,
-        seed=cfg.seed,
-        scale=cfg.method.scale,
-        dfa_projection=projection,
-    )
-    results: dict[str, Any] = {
-        "method": cfg.method.name,
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        "seed": cfg.seed,
-        "status": "running",
-        "test_accuracy": None,
-        "test_loss": None,
-        "best_val_accuracy": None,
-        "best_epoch": None,
-        "epochs_completed": 0,
-        "epochs": cfg.trainer.epochs,
-        "wall_seconds": None,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "device": _device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "fa_cli": fa_cli.__version__,
-        "host": platform.node(),
-        "started_at": _now(),
-        "overrides": overrides or [],
-        "config": dataclasses.asdict(cfg),
-    }
-    write_json(run_dir / "results.json", results)
-
-    splits = data.load(cfg.dataset, device, cfg.seed)
-    results.update(
-        train_examples=len(splits.train),
-        val_examples=len(splits.val) if splits.val else 0,
-        test_examples=len(splits.test),
-    )
-    model.to(device)
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, cfg.trainer.epochs)
-    batch_order = torch.Generator().manual_seed(cfg.seed)
-    log.info(
-        f"{cfg.method.name} on {cfg.model.name} ({results['parameters']:,} parameters), {cfg.dataset.name}: "
-        f"{len(splits.train):,} train / {results['val_examples']:,} val / {len(splits.test):,} test, "
-        f"{results['device']}, seed {cfg.seed} -> {run_dir}"
-    )
-
-    history: list[engine.EpochRecord] = []
-    write_csv(run_dir / "metrics.csv", [], METRICS)  # the header now: the file exists from the start
-    selected = Selection()
-    status = "completed"
+    ``run_dir``; returns the results. An interrupt at any point after the run starts is recorded."""
+    run = Run(cfg, run_dir, overrides or [])
     try:
-        with ProgressBar(cfg.trainer.epochs) as on_step:
-            for record in engine.fit(
-                model,
-                optimizer,
-                scheduler,
-                splits,
-                epochs=cfg.trainer.epochs,
-                batch_size=cfg.trainer.batch_size,
-                eval_batch_size=cfg.trainer.eval_batch_size,
-                generator=batch_order,
-                progress=on_step,
-            ):
-                history.append(record)
-                write_csv(run_dir / "metrics.csv", map(dataclasses.asdict, history), METRICS)
-                selected.offer(record, model)
-                save_checkpoint(
-                    run_dir / "checkpoint.pt",
-                    {
-                        "epoch": record.epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "best_model": selected.state,
-                        "best_epoch": selected.epoch,
-                        "rng": _rng_state(batch_order),
-                        "config": dataclasses.asdict(cfg),
-                    },
-                )
-                log.info(_epoch_line(record, cfg.trainer.epochs))
-                patience = cfg.trainer.patience
-                if patience and record.val_accuracy is not None and record.epoch - selected.epoch >= patience:
-                    log.info(f"early stop: validation accuracy has not improved for {patience} epochs")
-                    break
-    except engine.Diverged as e:
-        status = "diverged"
-        results["diverged_at"] = {"epoch": e.epoch, "step": e.step}
-        log.warning(f"diverged: {e}")
+        status = run.fit()
     except KeyboardInterrupt:
-        results.update(status="interrupted", **selected.summary(), **_progress(history, started))
-        write_json(run_dir / "results.json", results)
-        log.warning(f"interrupted after {len(history)} epochs; files in {run_dir}")
+        run.finish("interrupted")
+        log.warning(f"interrupted after {len(run.history)} epochs; files in {run_dir}")
         raise
-
-    if status == "completed":
-        model.load_state_dict(selected.state)
-        results["test_loss"], results["test_accuracy"] = engine.evaluate(
-            model, splits.test, cfg.trainer.eval_batch_size
-        )
-    results.update(status=status, **selected.summary(), **_progress(history, started))
-    write_json(run_dir / "results.json", results)
+    results = run.finish(status)
     console.print(_results_table(results, run_dir))
     return results
+
+
+class Run:
+    """One run and its files: builds the model (before any data loads, so that a model that cannot take
+    the dataset's images fails in seconds), trains, tests, and keeps ``results`` up to date."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, overrides: list[str]) -> None:
+        self.cfg, self.run_dir, self.started = cfg, run_dir, time.time()
+        self.device = pick_device(cfg.trainer.device)
+        seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        shape = data.shape_of(cfg.dataset)
+        network = models.build(
+            cfg.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
+        )
+        self.model = convert(
+            network,
+            cfg.method.name,
+            num_classes=shape.num_classes,
+            seed=cfg.seed,
+            scale=cfg.method.scale,
+            dfa_projection=cfg.method.projection if isinstance(cfg.method, DFAConfig) else "full",
+        )
+        self.history: list[engine.EpochRecord] = []
+        self.selected = Selection()
+        self.results: dict[str, Any] = {
+            "method": cfg.method.name,
+            "model": cfg.model.name,
+            "dataset": cfg.dataset.name,
+            "seed": cfg.seed,
+            "status": "running",
+            "test_accuracy": None,
+            "test_loss": None,
+            "best_val_accuracy": None,
+            "best_epoch": None,
+            "epochs_completed": 0,
+            "epochs": cfg.trainer.epochs,
+            "wall_seconds": None,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": _device_name(self.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "fa_cli": fa_cli.__version__,
+            "host": platform.node(),
+            "started_at": _now(),
+            "overrides": overrides,
+            "config": dataclasses.asdict(cfg),
+        }
+        write_json(run_dir / "results.json", self.results)
+        write_csv(run_dir / "metrics.csv", [], METRICS)  # the header now: the file exists from the start
+
+    def fit(self) -> str:
+        """Load the data, train, and test the selected epoch's model. Returns the status."""
+        cfg, model, results = self.cfg, self.model, self.results
+        splits = data.load(cfg.dataset, self.device, cfg.seed)
+        results.update(
+            train_examples=len(splits.train),
+            val_examples=len(splits.val) if splits.val else 0,
+            test_examples=len(splits.test),
+        )
+        model.to(self.device)
+        optimizer = build_optimizer(cfg.optim, model)
+        scheduler = build_scheduler(cfg.optim, optimizer, cfg.trainer.epochs)
+        batch_order = torch.Generator().manual_seed(cfg.seed)
+        log.info(
+            f"{cfg.method.name} on {cfg.model.name} ({results['parameters']:,} parameters), "
+            f"{cfg.dataset.name}: {len(splits.train):,} train / {results['val_examples']:,} val / "
+            f"{len(splits.test):,} test, {results['device']}, seed {cfg.seed} -> {self.run_dir}"
+        )
+        try:
+            with ProgressBar(cfg.trainer.epochs) as on_step:
+                for record in engine.fit(
+                    model,
+                    optimizer,
+                    scheduler,
+                    splits,
+                    epochs=cfg.trainer.epochs,
+                    batch_size=cfg.trainer.batch_size,
+                    eval_batch_size=cfg.trainer.eval_batch_size,
+                    generator=batch_order,
+                    progress=on_step,
+                ):
+                    self.end_epoch(record, optimizer, scheduler, batch_order)
+                    if self.patience_ran_out(record):
+                        break
+        except engine.Diverged as e:
+            results["diverged_at"] = {"epoch": e.epoch, "step": e.step}
+            log.warning(f"diverged: {e}")
+            return "diverged"
+        model.load_state_dict(self.selected.state)
+        test = engine.evaluate(model, splits.test, cfg.trainer.eval_batch_size)
+        results["test_loss"], results["test_accuracy"] = test
+        return "completed"
+
+    def end_epoch(
+        self,
+        record: engine.EpochRecord,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        batch_order: torch.Generator,
+    ) -> None:
+        """Append the epoch to metrics.csv, offer it for selection, and checkpoint everything a resumed
+        run needs: all or nothing, so that the files always agree on how many epochs are done."""
+        with interrupts_deferred():
+            self.history.append(record)
+            write_csv(self.run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
+            self.selected.offer(record, self.model)
+            save_checkpoint(
+                self.run_dir / "checkpoint.pt",
+                {
+                    "epoch": record.epoch,
+                    "model": self.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_model": self.selected.state,
+                    "best_epoch": self.selected.epoch,
+                    "rng": _rng_state(batch_order),
+                    "config": dataclasses.asdict(self.cfg),
+                },
+            )
+        log.info(_epoch_line(record, self.cfg.trainer.epochs))
+
+    def patience_ran_out(self, record: engine.EpochRecord) -> bool:
+        patience = self.cfg.trainer.patience
+        if not patience or record.val_accuracy is None or record.epoch - self.selected.epoch < patience:
+            return False
+        log.info(f"early stop: validation accuracy has not improved for {patience} epochs")
+        return True
+
+    def finish(self, status: str) -> dict[str, Any]:
+        """Record the final status and progress in results.json."""
+        self.results.update(
+            status=status,
+            **self.selected.summary(),
+            epochs_completed=len(self.history),
+            wall_seconds=round(time.time() - self.started, 2),
+            finished_at=_now(),
+        )
+        write_json(self.run_dir / "results.json", self.results)
+        return self.results
 
 
 @dataclasses.dataclass
@@ -260,14 +314,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _progress(history: list[engine.EpochRecord], started: float) -> dict[str, Any]:
-    return {
-        "epochs_completed": len(history),
-        "wall_seconds": round(time.time() - started, 2),
-        "finished_at": _now(),
-    }
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
@@ -325,6 +371,7 @@ class ProgressBar:
             transient=True,  # the per-epoch log lines stay; the bar goes when the run ends
         )
         self.task = self.bar.add_task("", total=None, stats="")
+        self.epoch = 0
 
     def __enter__(self) -> engine.Progress:
         self.bar.start()
@@ -334,6 +381,9 @@ class ProgressBar:
         self.bar.stop()
 
     def update(self, epoch: int, step: int, steps: int, loss: float, accuracy: float) -> None:
+        if epoch != self.epoch:  # a new epoch: its own bar and clock
+            self.epoch = epoch
+            self.bar.reset(self.task)
         self.bar.update(
             self.task,
             description=f"epoch {epoch}/{self.epochs}",
