@@ -15,6 +15,7 @@ exiting with code 2.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -262,15 +263,20 @@ def _check_model(m: ModelConfig) -> None:
         if m.kernel_size < 1 or m.kernel_size % 2 == 0:
             raise ConfigError("model.kernel_size", f"must be odd and positive, got {m.kernel_size}")
     if isinstance(m, TorchvisionConfig):
-        from torchvision import models
-
-        names = models.list_models(module=models)
+        names = _torchvision_classifiers()
         if m.name not in names:
             raise ConfigError(
                 "model.name",
                 f"unknown torchvision classifier {m.name!r}{_hint(m.name, names)}; list them with "
                 "python -c 'import torchvision; print(torchvision.models.list_models(torchvision.models))'",
             )
+
+
+@functools.cache
+def _torchvision_classifiers() -> list[str]:
+    from torchvision import models  # here, not at the top: importing torchvision takes a second
+
+    return models.list_models(module=models)
 
 
 def _check_method(m: MethodConfig) -> None:
