@@ -8,9 +8,9 @@ import json
 from fa_cli import report
 
 
-def result(method, accuracy, loss, seed=0, status="completed", model="ann", dataset="mnist"):
+def result(method, accuracy, loss, seed=0, status="completed", model="ann", dataset="mnist", overrides=()):
     return dict(method=method, model=model, dataset=dataset, seed=seed, status=status,
-                test_accuracy=accuracy, test_loss=loss)  # fmt: skip
+                test_accuracy=accuracy, test_loss=loss, overrides=list(overrides))  # fmt: skip
 
 
 RESULTS = [
@@ -72,3 +72,32 @@ def test_collect_finds_results_at_any_depth_and_skips_broken_files(tmp_path, cap
     (tmp_path / "broken" / "results.json").write_text("{ half a fi")
     assert sorted(r["seed"] for r in report.collect([tmp_path])) == [0, 0, 1]
     assert "skipping" in capsys.readouterr().err
+
+
+def test_runs_with_other_settings_get_their_own_rows():
+    grid = [
+        result("bp", 97.0, 0.1, seed=seed, overrides=["trainer.epochs=3", f"optim.lr={lr}", f"seed={seed}"])
+        for lr in (0.1, 0.01)
+        for seed in (0, 1)
+    ]
+    (table,) = report.summarize(grid).values()
+    # never one mean over two learning rates; the override all runs share is no setting
+    assert [(row.settings, row.runs) for row in table] == [("optim.lr=0.01", 2), ("optim.lr=0.1", 2)]
+    text = report.to_markdown(report.summarize(grid))
+    assert "| Method | Settings | Test Accuracy | Loss | Runs |\n|---|---|---:|---:|---:|" in text
+    assert "| BP | optim.lr=0.1 | 97.00 ± 0.00 % | 0.1000 ± 0.0000 | 2 |" in text
+    rows = report.to_csv_rows(report.summarize(grid))
+    assert [row["settings"] for row in rows] == ["optim.lr=0.01", "optim.lr=0.1"]
+
+
+def test_a_grid_over_methods_and_seeds_has_no_settings_column():
+    grid = [  # Hydra's own overrides are no settings either
+        result(
+            method, 90.0, 0.3, seed=seed, overrides=[f"method={method}", f"seed={seed}", "hydra.verbose=1"]
+        )
+        for method in ("bp", "fa")
+        for seed in (0, 1)
+    ]
+    (table,) = report.summarize(grid).values()
+    assert [(row.method, row.settings, row.runs) for row in table] == [("bp", "", 2), ("fa", "", 2)]
+    assert "Settings" not in report.to_markdown(report.summarize(grid))

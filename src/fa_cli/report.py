@@ -30,12 +30,14 @@ from rich.table import Table
 from fa_cli.alignment import METHODS
 from fa_cli.files import csv_text, write_csv, write_text
 
+IDENTITY = ("method", "model", "dataset", "seed")  # what names a run; every other override is a setting
 LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF", "kp": "KP"}
-HEADER = ("Method", "Test Accuracy", "Loss", "Runs")
+HEADER = ("Method", "Test Accuracy", "Loss", "Runs")  # the report's columns, and how many runs
 CSV_FIELDS = [
     "dataset",
     "model",
     "method",
+    "settings",
     "runs",
     "completed",
     "test_accuracy_mean",
@@ -48,9 +50,10 @@ CSV_FIELDS = [
 
 @dataclass
 class Row:
-    """The runs of one method on one (dataset, model)."""
+    """The runs of one method on one (dataset, model) with the same settings, seeds apart."""
 
     method: str
+    settings: str = ""  # the overrides that set these runs apart from the table's other rows
     statuses: Counter[str] = field(default_factory=Counter)
     accuracies: list[float] = field(default_factory=list)  # of completed runs, percent
     losses: list[float] = field(default_factory=list)
@@ -59,10 +62,11 @@ class Row:
     def runs(self) -> int:
         return sum(self.statuses.values())
 
-    def cells(self) -> tuple[str, str, str, str]:
-        """The row as the report prints it."""
+    def cells(self, settings: bool = False) -> tuple[str, ...]:
+        """The row as the report prints it; ``settings`` adds the settings column after the method."""
         label = LABELS.get(self.method, self.method.capitalize())
-        return label, _mean_std(self.accuracies, 2, " %"), _mean_std(self.losses, 4), self._runs_cell()
+        numbers = (_mean_std(self.accuracies, 2, " %"), _mean_std(self.losses, 4), self._runs_cell())
+        return (label, self.settings, *numbers) if settings else (label, *numbers)
 
     def _runs_cell(self) -> str:
         completed = self.statuses["completed"]
@@ -90,48 +94,69 @@ def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def summarize(results: Iterable[dict[str, Any]]) -> Tables:
-    """Group runs into tables by (dataset, model) and rows by method (in ``METHODS`` order)."""
-    rows: dict[tuple[str, str], dict[str, Row]] = {}
+    """Group runs into tables by (dataset, model), and into rows by method (in ``METHODS`` order) and
+    settings: runs of a grid over ``optim.lr=0.1,0.01`` make two rows, never one mean."""
+    by_table: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
-        key = (str(r.get("dataset")), str(r.get("model")))
-        method = str(r.get("method"))
-        row = rows.setdefault(key, {}).setdefault(method, Row(method))
-        status = r.get("status") or "unknown"
-        row.statuses[status] += 1
-        if status == "completed":
-            row.accuracies.append(float(r["test_accuracy"]))
-            row.losses.append(float(r["test_loss"]))
+        by_table.setdefault((str(r.get("dataset")), str(r.get("model"))), []).append(r)
 
-    def order(row: Row) -> tuple[int, str]:
-        return (METHODS.index(row.method) if row.method in METHODS else len(METHODS), row.method)
+    tables: Tables = {}
+    for key, runs in sorted(by_table.items()):
+        common = set.intersection(*(set(_settings(r)) for r in runs))  # shown by no row
+        rows: dict[tuple[str, str], Row] = {}
+        for r in runs:
+            method = str(r.get("method"))
+            settings = " ".join(o for o in _settings(r) if o not in common)
+            row = rows.setdefault((method, settings), Row(method, settings))
+            status = r.get("status") or "unknown"
+            row.statuses[status] += 1
+            if status == "completed":
+                row.accuracies.append(float(r["test_accuracy"]))
+                row.losses.append(float(r["test_loss"]))
+        tables[key] = sorted(rows.values(), key=_order)
+    return tables
 
-    return {key: sorted(by_method.values(), key=order) for key, by_method in sorted(rows.items())}
+
+def _settings(result: dict[str, Any]) -> list[str]:
+    """A run's command-line overrides, less those that name it (method, model, dataset, seed) and
+    Hydra's own: what sets it apart from its siblings in a grid."""
+    settings = []
+    for override in result.get("overrides") or []:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in IDENTITY and not key.startswith("hydra"):
+            settings.append(override)
+    return sorted(settings)
+
+
+def _order(row: Row) -> tuple[int, str, str]:
+    return (METHODS.index(row.method) if row.method in METHODS else len(METHODS), row.method, row.settings)
 
 
 def to_markdown(tables: Tables) -> str:
     lines = ["# Results", ""]
     for (dataset, model), rows in tables.items():
-        lines += [f"## {dataset} · {model}", "", _md_row(HEADER), "|---|---:|---:|---:|"]
-        lines += [_md_row(row.cells()) for row in rows]
+        settings = _has_settings(rows)
+        header = _header(settings)
+        alignment = ["---"] * (len(header) - 3) + ["---:"] * 3
+        lines += [f"## {dataset} · {model}", "", _md_row(header), _md_row(alignment).replace(" ", "")]
+        lines += [_md_row(row.cells(settings)) for row in rows]
         lines.append("")
     return "\n".join(lines)
 
 
 def to_csv_rows(tables: Tables) -> list[dict[str, Any]]:
-    def stat(values: list[float], fn: Any, digits: int) -> float | None:
-        return round(fn(values), digits) if len(values) >= (2 if fn is statistics.stdev else 1) else None
-
     return [
         {
             "dataset": dataset,
             "model": model,
             "method": row.method,
+            "settings": row.settings,
             "runs": row.runs,
             "completed": row.statuses["completed"],
-            "test_accuracy_mean": stat(row.accuracies, statistics.mean, 4),
-            "test_accuracy_std": stat(row.accuracies, statistics.stdev, 4),
-            "test_loss_mean": stat(row.losses, statistics.mean, 6),
-            "test_loss_std": stat(row.losses, statistics.stdev, 6),
+            "test_accuracy_mean": _mean(row.accuracies, 4),
+            "test_accuracy_std": _std(row.accuracies, 4),
+            "test_loss_mean": _mean(row.losses, 6),
+            "test_loss_std": _std(row.losses, 6),
             "statuses": ";".join(f"{status}:{n}" for status, n in sorted(row.statuses.items())),
         }
         for (dataset, model), rows in tables.items()
@@ -142,11 +167,13 @@ def to_csv_rows(tables: Tables) -> list[dict[str, Any]]:
 def to_rich(tables: Tables) -> list[Table]:
     out = []
     for (dataset, model), rows in tables.items():
+        settings = _has_settings(rows)
         table = Table(title=f"{dataset} · {model}")
-        for i, name in enumerate(HEADER):
-            table.add_column(name, justify="left" if i == 0 else "right")
+        header = _header(settings)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i < len(header) - 3 else "right")
         for row in rows:
-            table.add_row(*row.cells())
+            table.add_row(*row.cells(settings))
         out.append(table)
     return out
 
@@ -211,6 +238,22 @@ def _mean_std(values: list[float], digits: int, unit: str = "") -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}{unit}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{unit}"
+
+
+def _header(settings: bool) -> tuple[str, ...]:
+    return (HEADER[0], "Settings", *HEADER[1:]) if settings else HEADER
+
+
+def _has_settings(rows: list[Row]) -> bool:
+    return any(row.settings for row in rows)
+
+
+def _mean(values: list[float], digits: int) -> float | None:
+    return round(statistics.mean(values), digits) if values else None
+
+
+def _std(values: list[float], digits: int) -> float | None:
+    return round(statistics.stdev(values), digits) if len(values) > 1 else None
 
 
 def _counts(statuses: dict[str, int]) -> str:

@@ -98,10 +98,11 @@ def hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        results = train(validate(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
+        results = train(validate(cfg), run_dir, overrides)
     except Exception as error:
-        _record_failure(run_dir, cfg, error)
+        _record_failure(run_dir, cfg, overrides, error)
         if not sweep:
             if isinstance(error, ConfigError | data.DataError):
                 raise Abort(error) from error
@@ -316,7 +317,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
+def _record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], error: BaseException) -> None:
     """Mark the run failed in results.json, keeping what train() wrote, or naming the run from the raw
     config when it failed before (a config error)."""
     path = run_dir / "results.json"
@@ -324,7 +325,7 @@ def _record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> Non
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         results = {key: OmegaConf.select(cfg, f"{key}.name", default=None) for key in IDENTITY}
-        results["seed"] = OmegaConf.select(cfg, "seed", default=None)
+        results.update(seed=OmegaConf.select(cfg, "seed", default=None), overrides=overrides)
     results.update(status="failed", error=describe(error), finished_at=_now())
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, results)
