@@ -229,10 +229,13 @@ def test_hydra_flags_work_as_usual(tmp_path):
 
 def test_a_plain_install_runs_from_any_folder(tmp_path):
     # pip install . (not editable) into a folder of its own, then run from elsewhere: the configs must ship
-    repo = Path(__file__).resolve().parents[1]
+    # (from a copy of the checkout: setuptools builds in the source tree)
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns(".*", "build", "outputs", "data", "*.egg-info", "__pycache__")
+    shutil.copytree(Path(__file__).resolve().parents[1], source, ignore=skip)
     site = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target"]
-    install = subprocess.run([*pip, str(site), str(repo)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run([*pip, str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
     # The installed fa_cli comes first on the path (torch and the rest come from this environment), and
     # the run starts in a folder that has no conf/ of its own.
