@@ -1,0 +1,943 @@
+#!/usr/bin/env python
+"""How fast each learning rule trains, measured against backprop and against BioTorch.
+
+Sections (``--sections``, all by default):
+
+steps     median milliseconds per training step (forward, loss, backward, optimizer step) of the
+          report's ANN and CNN, LeNet and a 4x1024 MLP on MNIST-shaped input, per rule, with
+          examples/s and the ratio to bp. Rules are interleaved in a new random order every round,
+          so machine noise hits all of them alike; the ratio is the median of per-round ratios.
+epoch     whole epochs on real MNIST (60,000 images) through the runner's own data path
+          (``fa_cli.data.load`` -> ``fa_cli.engine.train_epoch``), and the same steps on batches
+          gathered beforehand ("math only"): the difference is the time spent outside the math.
+biotorch  BioTorch's training path (its MNIST DataLoader and ``biotorch.training.functions.train``,
+          the function its ``Trainer`` runs each epoch) on the same model, batch size, device and
+          data, each epoch paired with one of ours; ``--bt-trainer`` also times its whole
+          ``Trainer.run`` epoch (validation, checkpoints, TensorBoard).
+sweep     MLPs of widths 256-4096 and depths 2-8 for bp, fa and dfa: how each rule's step grows.
+overhead  the real ``fa-train`` run (Hydra, progress bar, metrics.csv, checkpoints) under the
+          pyinstrument sampling profiler: the share of each epoch spent outside the model's math.
+
+Every model is built the way ``fa-train`` builds it (``conf/`` composed by Hydra, ``fa_cli.models``,
+``fa_cli.alignment.convert``, ``fa_cli.optim``): SGD, lr 0.01, momentum 0.9 unless overridden.
+
+    python benchmarks/speed.py --quick                      # smoke test, about a minute
+    python benchmarks/speed.py                              # everything (see docs/PERFORMANCE.md)
+    python benchmarks/speed.py --sections steps --models cnn mlp --reps 60
+    python benchmarks/speed.py --sections steps epoch --device cuda --epoch-models ann cnn
+
+BioTorch (``biotorch``) and pyinstrument are benchmark-only dependencies; their sections are skipped
+with a note when they are not installed. See docs/PERFORMANCE.md for the install line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+from fa_cli import data, engine, models
+from fa_cli.alignment import METHODS, convert
+from fa_cli.config import DFAConfig, RunConfig, validate
+from fa_cli.optim import build_optimizer, build_scheduler
+
+SECTIONS = ("steps", "limits", "epoch", "biotorch", "sweep", "overhead")
+#: The models of the step table: ``conf/model`` options, plus overrides for the 4x1024 MLP.
+MODELS: dict[str, list[str]] = {
+    "ann": ["model=ann"],
+    "cnn": ["model=cnn"],
+    "lenet": ["model=lenet"],
+    "mlp": ["model=mlp", "model.widths=[1024,1024,1024,1024]"],
+}
+#: Our rule names -> BioTorch's ``mode`` names, for the rules both libraries have.
+BIOTORCH_MODES = {
+    "bp": "backpropagation",
+    "fa": "fa",
+    "dfa": "dfa",
+    "usf": "usf",
+    "brsf": "brsf",
+    "frsf": "frsf",
+}
+DEFAULT_DATA_ROOT = os.environ.get("FA_DATA_DIR", "/work/shared/data")
+
+# Tables wider than the 80 columns rich assumes when the output is a file or a pipe.
+console = Console() if sys.stdout.isatty() else Console(width=150)
+
+
+# --- building models exactly as fa-train does ------------------------------------------------------
+
+
+def runner_config(overrides: Sequence[str]) -> RunConfig:
+    """The validated config ``fa-train <overrides>`` would run with."""
+    with initialize_config_module(config_module="fa_cli.conf", version_base=None):
+        return validate(compose(config_name="train", overrides=list(overrides)))
+
+
+@dataclass
+class Case:
+    """One network trained by one rule: the model and the optimizer a step uses."""
+
+    method: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_case(run: RunConfig, device: torch.device) -> Case:
+    """Network, rule and optimizer as ``fa_cli.train.train`` builds them (same calls, same order)."""
+    torch.manual_seed(run.seed)
+    shape = data.shape_of(run.dataset)
+    network = models.build(
+        run.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
+    )
+    projection = run.method.projection if isinstance(run.method, DFAConfig) else "full"
+    model = convert(
+        network,
+        run.method.name,
+        num_classes=shape.num_classes,
+        seed=run.seed,
+        scale=run.method.scale,
+        dfa_projection=projection,
+    )
+    model.to(device).train()
+    return Case(run.method.name, model, build_optimizer(run.optim, model))
+
+
+def cases_for(
+    model_overrides: Sequence[str], methods: Sequence[str], device: torch.device, extra: Sequence[str] = ()
+) -> dict[str, Case]:
+    return {m: build_case(runner_config([*model_overrides, f"method={m}", *extra]), device) for m in methods}
+
+
+def train_step(case: Case, inputs: Tensor, targets: Tensor) -> Tensor:
+    """One step, in the order of ``fa_cli.engine.train_epoch`` (without its bookkeeping)."""
+    logits = case.model(inputs)
+    loss = F.cross_entropy(logits, targets)
+    case.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    case.optimizer.step()
+    return loss
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    # CUDA runs asynchronously: the clock may only be read once the queued work is done.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(
+    runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds of each run, ``rounds`` times; every round visits the runs in a new random order, so
+    that a burst of load from another process lands on a random run instead of always the same one."""
+    order = list(runs)
+    shuffler = random.Random(seed)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
+            samples[name].append(timed(runs[name], device))
+    return samples
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_ratios(samples: dict[str, list[float]], reference: str) -> dict[str, tuple[float, float, float]]:
+    """Per run, quartiles of (its time / the reference's time in the same round)."""
+    base = samples[reference]
+    return {
+        name: quartiles([t / b for t, b in zip(values, base, strict=True)])
+        for name, values in samples.items()
+    }
+
+
+def spread(values: Sequence[float]) -> str:
+    """The interquartile range as a share of the median: how noisy the samples were."""
+    q1, q2, q3 = quartiles(values)
+    return f"±{50 * (q3 - q1) / q2:.0f}%" if q2 > 0 else "-"
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Tables printed with rich, or as Markdown (``--markdown``) to paste into docs/PERFORMANCE.md."""
+
+    markdown: bool
+
+    def table(
+        self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], note: str = ""
+    ) -> None:
+        if self.markdown:
+            print(f"\n**{title}**\n")
+            print("| " + " | ".join(columns) + " |")
+            print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
+            if note:
+                print(f"\n{note}")
+            return
+        table = Table(title=title, title_justify="left", caption=note or None, caption_justify="left")
+        for i, column in enumerate(columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+    def line(self, text: str) -> None:
+        if self.markdown:
+            print(text)
+        else:
+            console.print(text, highlight=False)
+
+
+def ms(seconds: float) -> str:
+    return (
+        f"{1e3 * seconds:.3f}"
+        if seconds < 0.01
+        else f"{1e3 * seconds:.2f}"
+        if seconds < 1
+        else f"{1e3 * seconds:.0f}"
+    )
+
+
+def ratio(q: tuple[float, float, float]) -> str:
+    return f"{q[1]:.2f} ({q[0]:.2f}–{q[2]:.2f})"
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak(device: torch.device) -> float:
+    """GFLOP/s of a large float32 matmul on ``device``: the ceiling a training step can approach."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a.mm(b)
+    best = min(timed(lambda: a.mm(b), device) for _ in range(20))
+    return 2 * n**3 / best / 1e9
+
+
+def machine(report: Report, device: torch.device) -> float:
+    peak = matmul_peak(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    report.line(
+        f"device {device} ({what}); {cores} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads; float32 matmul peak {peak:.0f} GFLOP/s; "
+        f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    return peak
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+def section_steps(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)  # MNIST-shaped, normalised
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    for name in args.models:
+        cases = cases_for(MODELS[name], args.methods, device)
+        for case in cases.values():  # warm-up: allocator, oneDNN primitives, dfa's first feedback draw
+            for _ in range(args.warmup):
+                train_step(case, inputs, targets)
+        # A sample times a block of steps long enough (>= ~20 ms) for the clock and the scheduler's
+        # jitter to be small next to it; all rules of a model use the same block.
+        first = next(iter(cases.values()))
+        estimate = min(timed(lambda c=first: train_step(c, inputs, targets), device) for _ in range(3))
+        block = max(1, math.ceil(args.min_sample / estimate))
+
+        def run(case: Case, n: int = block) -> None:
+            for _ in range(n):
+                train_step(case, inputs, targets)
+
+        runs = {m: (lambda c=case: run(c)) for m, case in cases.items()}
+        samples = interleaved(runs, args.reps, device, seed=args.seed)
+        per_step = {m: [s / block for s in v] for m, v in samples.items()}
+        ratios = paired_ratios(per_step, "bp") if "bp" in per_step else {}
+        parameters = sum(p.numel() for p in first.model.parameters())
+        rows = []
+        for m, values in per_step.items():
+            median = statistics.median(values)
+            rows.append(
+                [
+                    m,
+                    ms(median),
+                    spread(values),
+                    f"{args.batch_size / median:,.0f}",
+                    ratio(ratios[m]) if ratios else "-",
+                ]
+            )
+        report.table(
+            f"{name} ({parameters:,} parameters): one training step, batch {args.batch_size}, {device}",
+            ["method", "ms/step", "spread", "examples/s", "× bp (IQR)"],
+            rows,
+            note=f"median of {args.reps} interleaved rounds of {block} step(s); spread = IQR/2 of the median",
+        )
+        del cases
+        gc.collect()
+
+
+# --- what a rule adds to a step --------------------------------------------------------------------
+
+
+#: Profiler op names -> what they are in a training step (the rest is "other").
+OP_KINDS = {
+    "matmul / conv": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::_convolution",
+    ),
+    "optimizer arithmetic": (
+        "aten::add_",
+        "aten::mul_",
+        "aten::_foreach_add_",
+        "aten::_foreach_mul_",
+        "aten::_fused_sgd_",
+        "aten::_fused_adam_",
+    ),
+    "copysign (sign-concordant B)": ("aten::copysign",),
+    "random numbers (brsf)": ("aten::uniform_",),
+    "copies (kp: clone of W's grad)": ("aten::copy_", "aten::clone"),
+    "rule's Python (autograd.Function)": tuple(
+        f"{name}{suffix}"
+        for name in ("LinearFeedback", "LinearDirect", "ConvFeedback", "ConvDirect", "OutputError")
+        for suffix in ("", "Backward")
+    ),
+}
+
+
+def profile_step(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> dict[str, float]:
+    """Milliseconds per step in each kind of op: the self time torch.profiler records per op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            train_step(case, inputs, targets)
+    kinds = {name: kind for kind, names in OP_KINDS.items() for name in names}
+    totals: dict[str, float] = {kind: 0.0 for kind in [*OP_KINDS, "other"]}
+    for event in prof.key_averages():
+        totals[kinds.get(event.key, "other")] += event.self_cpu_time_total / 1e3 / steps
+    return totals
+
+
+def section_limits(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    """Where each rule's step on the 4x1024 MLP goes, by kind of op (torch.profiler self times), so the
+    work a rule adds to backprop shows up column by column."""
+    if device.type != "cpu":
+        report.line("limits: CPU only (the profiler's CPU self times are what is compared)")
+        return
+    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    cases = cases_for(MODELS["mlp"], args.methods, device)
+    for case in cases.values():
+        for _ in range(args.warmup):
+            train_step(case, inputs, targets)
+    # Rounds in a random order each, and the median per kind over rounds, as elsewhere.
+    rounds: dict[str, list[dict[str, float]]] = {m: [] for m in cases}
+    shuffler, order = random.Random(args.seed), list(cases)
+    for _ in range(args.limit_rounds):
+        shuffler.shuffle(order)
+        for m in order:
+            rounds[m].append(profile_step(cases[m], inputs, targets, args.limit_steps))
+    kinds = [*OP_KINDS, "other"]
+    rows = []
+    for m, profiles in rounds.items():
+        per_kind = {kind: statistics.median(p[kind] for p in profiles) for kind in kinds}
+        total = statistics.median(sum(p.values()) for p in profiles)
+        rows.append([m, f"{total:.2f}", *(f"{per_kind[kind]:.2f}" for kind in kinds)])
+    # Two costs to read the table with: one pass over all weights, and the CPU generator's rate.
+    weights = torch.cat([p.detach().flatten() for p in cases[next(iter(cases))].model.parameters()])
+    copy = statistics.median(timed(lambda: weights.clone(), device) for _ in range(20))
+    draws = torch.empty(1_000_000)
+    rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
+    report.table(
+        f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
+        ["method", "total", *kinds],
+        rows,
+        note=(
+            f"median of {args.limit_rounds} profiled rounds of {args.limit_steps} steps; self CPU time per "
+            f"op name. For scale: one copy of all {weights.numel() / 1e6:.2f}M weights takes "
+            f"{1e3 * copy:.2f} ms; uniform_ on the CPU generator (mt19937) draws 1M floats in "
+            f"{1e3 * rng:.2f} ms."
+        ),
+    )
+    del cases
+    gc.collect()
+
+
+# --- epochs on real MNIST ------------------------------------------------------------------------
+
+
+def mnist(args: argparse.Namespace, device: torch.device, val: bool = False) -> data.Data:
+    """MNIST through the runner's data module: all 60,000 training images (no validation split is
+    held out, as BioTorch trains on all of them), normalised, on ``device``."""
+    overrides = [f"dataset.root={args.data_root}", "dataset.val_fraction=0"]
+    if args.subset:
+        overrides.append(f"dataset.subset={args.subset}")
+    run = runner_config(overrides)
+    loaded = data.load(run.dataset, device, run.seed)
+    if val:  # BioTorch's Trainer validates on the 10,000 test images every epoch; so do we, then
+        loaded.val = loaded.test
+    return loaded
+
+
+def runner_epoch(case: Case, split: data.Split, batch_size: int, seed: int) -> None:
+    engine.train_epoch(case.model, case.optimizer, split, batch_size, torch.Generator().manual_seed(seed))
+
+
+def math_only_epoch(case: Case, batches: list[tuple[Tensor, Tensor]]) -> None:
+    for inputs, targets in batches:
+        train_step(case, inputs, targets)
+
+
+def gathered(split: data.Split, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """The batches ``engine.train_epoch`` draws with this seed, gathered in advance."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).to(split.targets.device)
+    batches = order.split(batch_size)
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches = batches[:-1]
+    return [(split.inputs[i], split.targets[i]) for i in batches]
+
+
+def section_epoch(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    start = time.perf_counter()
+    splits = mnist(args, device)
+    loading = time.perf_counter() - start
+    n = len(splits.train)
+    batches = gathered(splits.train, args.batch_size, args.seed)
+    for name in args.epoch_models:
+        cases = cases_for(MODELS[name], args.methods, device)
+        for case in cases.values():  # warm-up on a few batches
+            math_only_epoch(case, batches[: args.warmup])
+        runs: dict[str, Callable[[], Any]] = {}
+        for m, case in cases.items():
+            runs[m] = lambda c=case: runner_epoch(c, splits.train, args.batch_size, args.seed)
+            runs[f"{m} math"] = lambda c=case: math_only_epoch(c, batches)
+        samples = interleaved(runs, args.epoch_reps, device, seed=args.seed)
+        ratios = paired_ratios(samples, "bp") if "bp" in cases else {}
+        rows = []
+        for m in cases:
+            epoch, math_only = statistics.median(samples[m]), statistics.median(samples[f"{m} math"])
+            rows.append(
+                [
+                    m,
+                    f"{epoch:.3f}",
+                    spread(samples[m]),
+                    f"{n / epoch:,.0f}",
+                    ratio(ratios[m]) if ratios else "-",
+                    f"{math_only:.3f}",
+                    f"{100 * (1 - math_only / epoch):.1f}%",
+                ]
+            )
+        report.table(
+            f"{name}: one epoch of MNIST ({n:,} images), batch {args.batch_size}, {device}",
+            ["method", "s/epoch", "spread", "examples/s", "× bp (IQR)", "math only s", "outside math"],
+            rows,
+            note=(
+                f"median of {args.epoch_reps} interleaved epochs through fa_cli.engine.train_epoch (batch "
+                "gather from in-memory tensors, per-step loss/accuracy bookkeeping); 'math only' runs the "
+                "same steps on batches gathered beforehand. Loading MNIST (fa_cli.data.load): "
+                f"{loading:.2f} s, once per run."
+            ),
+        )
+        del cases
+        gc.collect()
+
+
+# --- BioTorch ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """BioTorch prints on every conversion and progress line; keep the tables readable."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # Its dfa layers use Module.register_backward_hook, deprecated in torch 2 (it still works:
+        # the hook does replace the input gradient, checked on torch 2.14).
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+@dataclass
+class BioTorchCase:
+    mode: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_function: nn.Module
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def biotorch_case(run: RunConfig, mode: str, device: torch.device) -> BioTorchCase:
+    """The same network (built by fa_cli.models, same seed) converted by BioTorch's ``BioModule``, with
+    the optimizer and loss its benchmark configs create."""
+    from biotorch.benchmark.losses import select_loss_function
+    from biotorch.benchmark.optimizers import create_optimizer
+    from biotorch.module.biomodule import BioModule
+
+    torch.manual_seed(run.seed)
+    shape = data.shape_of(run.dataset)
+    network = models.build(
+        run.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
+    )
+    with quiet():
+        model = BioModule(network, mode=mode, output_dim=shape.num_classes).to(device)
+    optimizer = create_optimizer(
+        {"type": "SGD", "lr": run.optim.lr, "momentum": run.optim.momentum, "weight_decay": 0.0}, model
+    )
+    return BioTorchCase(mode, model, optimizer, select_loss_function({"name": "cross_entropy"}))
+
+
+def biotorch_loaders(args: argparse.Namespace) -> tuple[Any, Any]:
+    """BioTorch's MNIST (PIL images through Resize, ToTensor, Normalize) and the DataLoaders its
+    benchmark creates: batch ``--batch-size``, shuffled, ``num_workers=0`` as in its configs."""
+    from biotorch.datasets.mnist import MNIST
+
+    with quiet():
+        dataset = MNIST(target_size=28, dataset_path=args.data_root)
+    if args.subset:
+        dataset.train_dataset = torch.utils.data.Subset(dataset.train_dataset, range(args.subset))
+    train_loader = dataset.create_train_dataloader(args.batch_size, num_workers=args.bt_workers)
+    val_loader = dataset.create_val_dataloader(args.batch_size, num_workers=args.bt_workers)
+    return train_loader, val_loader
+
+
+def biotorch_train_epoch(case: BioTorchCase, loader: Any, device: torch.device) -> None:
+    from biotorch.training.functions import train
+
+    with quiet():
+        train(
+            model=case.model,
+            mode=case.mode,
+            loss_function=case.loss_function,
+            optimizer=case.optimizer,
+            train_dataloader=loader,
+            device=str(device),
+            epoch=0,
+            multi_gpu=False,
+            top_k=5,
+            display_iterations=500,
+        )
+
+
+def biotorch_trainer_epoch(case: BioTorchCase, loaders: tuple[Any, Any], device: torch.device) -> None:
+    from biotorch.training.trainer import Trainer
+
+    # The schedule of BioTorch's MNIST configs. Its create_lr_scheduler passes verbose=True, which
+    # torch 2.14's MultiStepLR no longer accepts: build the same schedule without it (the only shim).
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(case.optimizer, milestones=[100, 150, 200], gamma=0.1)
+    with tempfile.TemporaryDirectory() as output_dir, quiet():
+        trainer = Trainer(
+            model=case.model,
+            mode=case.mode,
+            loss_function=case.loss_function,
+            optimizer=case.optimizer,
+            lr_scheduler=scheduler,
+            train_dataloader=loaders[0],
+            val_dataloader=loaders[1],
+            device=str(device),
+            epochs=1,
+            output_dir=output_dir,
+            metrics_config={
+                "display_iterations": 500,
+                "layer_alignment": True,
+                "weight_ratio": True,
+                "top_k": 5,
+            },
+        )
+        trainer.run()
+        # Its TensorBoard writer is never closed; close it (flushing its events) before the folder goes.
+        trainer.writer.close()
+
+
+def our_fit_epoch(case: Case, run: RunConfig, splits: data.Data, batch_size: int) -> None:
+    """One epoch of ``fa_cli.engine.fit``: training, validation on the 10,000 test images, schedule."""
+    scheduler = build_scheduler(run.optim, case.optimizer, 1)
+    for _ in engine.fit(
+        case.model,
+        case.optimizer,
+        scheduler,
+        splits,
+        epochs=1,
+        batch_size=batch_size,
+        eval_batch_size=run.trainer.eval_batch_size,
+        generator=torch.Generator().manual_seed(0),
+    ):
+        pass
+
+
+def section_biotorch(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    try:
+        import biotorch  # noqa: F401
+    except ImportError:
+        report.line("biotorch: not installed, section skipped (see docs/PERFORMANCE.md for the install line)")
+        return
+    splits = mnist(args, device, val=True)
+    loaders = biotorch_loaders(args)
+    methods = [m for m in args.methods if m in BIOTORCH_MODES]
+    for name in args.bt_models:
+        run = runner_config(MODELS[name])
+        ours = cases_for(MODELS[name], methods, device)
+        theirs = {m: biotorch_case(run, BIOTORCH_MODES[m], device) for m in methods}
+        batches = gathered(splits.train, args.batch_size, args.seed)
+        for m in methods:  # warm-up both on a few batches
+            math_only_epoch(ours[m], batches[: args.warmup])
+        # Pairs, interleaved: each of their epochs runs right after one of ours, in a random order of
+        # rules per round, so the ratio compares the two under the same load.
+        runs: dict[str, Callable[[], Any]] = {}
+        for m in methods:
+            runs[f"{m} ours"] = lambda c=ours[m]: runner_epoch(c, splits.train, args.batch_size, args.seed)
+            runs[f"{m} theirs"] = lambda c=theirs[m]: biotorch_train_epoch(c, loaders[0], device)
+            if args.bt_trainer:
+                runs[f"{m} ours fit"] = lambda c=ours[m], r=run: our_fit_epoch(c, r, splits, args.batch_size)
+                runs[f"{m} theirs trainer"] = lambda c=theirs[m]: biotorch_trainer_epoch(c, loaders, device)
+        samples = interleaved(runs, args.bt_reps, device, seed=args.seed)
+        rows = []
+        for m in methods:
+            row = [m, BIOTORCH_MODES[m]]
+            for key in ("", " fit") if args.bt_trainer else ("",):
+                mine = samples[f"{m} ours{key}"]
+                other = samples[f"{m} theirs{' trainer' if key else ''}"]
+                speedup = quartiles([o / s for s, o in zip(mine, other, strict=True)])
+                row += [
+                    f"{statistics.median(mine):.2f}",
+                    f"{statistics.median(other):.2f}",
+                    f"{speedup[1]:.1f}×",
+                ]
+            rows.append(row)
+        columns = ["method", "BioTorch mode", "ours s", "BioTorch s", "speed-up"]
+        if args.bt_trainer:
+            columns += ["ours fit s", "BioTorch Trainer s", "speed-up"]
+        n = len(splits.train)
+        report.table(
+            f"{name}: one MNIST epoch ({n:,} images), batch {args.batch_size}, {device}: fa-cli vs BioTorch",
+            columns,
+            rows,
+            note=(
+                f"median of {args.bt_reps} paired epoch(s). ours: fa_cli.engine.train_epoch on fa_cli.data "
+                "tensors; BioTorch: biotorch.training.functions.train over its MNIST DataLoader "
+                f"(num_workers={args.bt_workers}). speed-up = BioTorch s / ours s, median of the pairs."
+                + (
+                    " 'fit'/'Trainer': one whole epoch of fa_cli.engine.fit (train + validation on the "
+                    "10,000 test images) against BioTorch's Trainer.run(epochs=1) (train + the same "
+                    "validation + alignment metrics, TensorBoard, two torch.save)."
+                    if args.bt_trainer
+                    else ""
+                )
+            ),
+        )
+
+
+# --- width and depth sweep ------------------------------------------------------------------------
+
+
+def mlp_flops(widths: Sequence[int], batch: int, method: str, inputs: int = 784, classes: int = 10) -> float:
+    """Floating-point operations of one step's matmuls: forward, weight gradients, and the error sent
+    down (through W or B for bp/fa, except to the input; one K-wide projection for dfa)."""
+    sizes = [inputs, *widths, classes]
+    layers = list(zip(sizes[:-1], sizes[1:], strict=True))
+    forward = sum(2 * batch * i * o for i, o in layers)
+    if method == "dfa":
+        down = sum(2 * batch * classes * i for i, _ in layers[1:])
+    else:
+        down = sum(2 * batch * i * o for i, o in layers[1:])
+    return 2 * forward + down
+
+
+def section_sweep(args: argparse.Namespace, report: Report, device: torch.device, peak: float) -> None:
+    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    methods = [m for m in args.sweep_methods if m in METHODS]
+    rows = []
+    for width in args.widths:
+        for depth in args.depths:
+            widths = [width] * depth
+            overrides = ["model=mlp", f"model.widths=[{','.join(map(str, widths))}]"]
+            cases = cases_for(overrides, methods, device)
+            for case in cases.values():
+                for _ in range(2):
+                    train_step(case, inputs, targets)
+            step = timed(lambda c=cases[methods[0]]: train_step(c, inputs, targets), device)
+            # Big networks get fewer rounds (at least 3) so the sweep stays within minutes.
+            rounds = max(3, min(args.sweep_reps, int(args.sweep_budget / (step * len(methods)))))
+            block = max(1, math.ceil(args.min_sample / step))
+
+            def run(case: Case, n: int = block) -> None:
+                for _ in range(n):
+                    train_step(case, inputs, targets)
+
+            samples = interleaved(
+                {m: (lambda c=c: run(c)) for m, c in cases.items()}, rounds, device, args.seed
+            )
+            per_step = {m: [s / block for s in v] for m, v in samples.items()}
+            ratios = paired_ratios(per_step, "bp") if "bp" in per_step else {}
+            parameters = sum(p.numel() for p in cases[methods[0]].model.parameters())
+            row = [f"{width}×{depth}", f"{parameters / 1e6:.2f}M"]
+            for m in methods:
+                median = statistics.median(per_step[m])
+                gflops = mlp_flops(widths, args.batch_size, m) / median / 1e9
+                row.append(ms(median) + (f" ({ratios[m][1]:.2f}×)" if ratios and m != "bp" else ""))
+                if m == "bp":
+                    row.append(f"{gflops:.0f} ({100 * gflops / peak:.0f}%)")
+            rows.append(row)
+            del cases
+            gc.collect()
+    columns = ["width×depth", "params"]
+    for m in methods:
+        columns.append(f"{m} ms" + (" (× bp)" if m != "bp" else ""))
+        if m == "bp":
+            columns.append("bp GFLOP/s (% of matmul peak)")
+    report.table(
+        f"MLP sweep: step time by width and depth (hidden layers), batch {args.batch_size}, {device}",
+        columns,
+        rows,
+        note=(
+            f"median of interleaved rounds (3 to {args.sweep_reps}, fewer for big networks); ratios are "
+            "medians of per-round ratios. GFLOP/s counts the step's matmuls only."
+        ),
+    )
+
+
+# --- overhead: the real fa-train under a sampling profiler ---------------------------------------
+
+#: Frames that are the model's math: module calls, the loss, backward, the optimizer.
+MATH_FRAMES = (
+    ("torch/nn/modules/module.py", ("_wrapped_call_impl", "_call_impl")),
+    ("torch/nn/functional.py", ("cross_entropy",)),
+    ("torch/_tensor.py", ("backward",)),
+    ("torch/autograd/__init__.py", ("backward",)),
+    ("torch/optim/optimizer.py", None),
+    ("torch/optim/sgd.py", None),
+    ("torch/optim/adam.py", None),
+)
+#: What fa_cli.train does once per epoch besides engine.fit (metrics.csv, model selection, checkpoint,
+#: log line, early stopping): the names of the functions its epoch loop calls.
+PER_EPOCH = ("end_epoch", "patience_ran_out", "write_csv", "offer", "save_checkpoint", "info", "_epoch_line")
+
+
+def is_math(frame: Any) -> bool:
+    path = (frame.file_path or "").replace("\\", "/")
+    return any(
+        path.endswith(file) and (names is None or frame.function in names) for file, names in MATH_FRAMES
+    )
+
+
+def split_time(frame: Any, buckets: dict[str, float], label: str) -> None:
+    """Add ``frame``'s time to ``buckets``: math frames to 'math', everything else to the bucket named by
+    the nearest enclosing fa-cli function of interest (``label``)."""
+    if is_math(frame):
+        buckets["math"] = buckets.get("math", 0.0) + frame.time
+        return
+    if frame.function == "update" and (frame.class_name or "") == "ProgressBar":
+        label = "progress bar"
+    elif frame.function == "evaluate" and frame.file_path.endswith("fa_cli/engine.py"):
+        label = "validation (outside the model call)"
+    own = frame.time - sum(child.time for child in frame.children)
+    buckets[label] = buckets.get(label, 0.0) + own
+    for child in frame.children:
+        split_time(child, buckets, label)
+
+
+def is_engine_fit(frame: Any) -> bool:
+    return frame.function == "fit" and (frame.file_path or "").endswith("fa_cli/engine.py")
+
+
+def epoch_loops(frame: Any) -> list[Any]:
+    """The frames whose code runs ``for record in engine.fit(...)``: the parents of engine.fit's frames
+    (a generator's frame shows up under the function that advances it)."""
+    if any(is_engine_fit(child) for child in frame.children):
+        return [frame]
+    return [owner for child in frame.children for owner in epoch_loops(child)]
+
+
+def section_overhead(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        report.line("overhead: pyinstrument is not installed, section skipped (pip install pyinstrument)")
+        return
+    import fa_cli.train
+
+    for name in args.overhead_models:
+        with tempfile.TemporaryDirectory() as run_dir:
+            argv = [
+                "fa-train",
+                *MODELS[name],
+                f"dataset.root={args.data_root}",
+                f"trainer.epochs={args.overhead_epochs}",
+                f"trainer.batch_size={args.batch_size}",
+                f"trainer.device={device}",
+                f"hydra.run.dir={run_dir}",
+                *([f"dataset.subset={args.subset}"] if args.subset else []),
+            ]
+            saved_argv, sys.argv = sys.argv, argv
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+            try:
+                with contextlib.suppress(SystemExit):
+                    fa_cli.train.main()
+            finally:
+                profiler.stop()
+                sys.argv = saved_argv
+        root = profiler.last_session.root_frame()
+        buckets: dict[str, float] = {}
+        for loop in epoch_loops(root):
+            for child in loop.children:
+                if is_engine_fit(child):
+                    split_time(child, buckets, "batches, metrics, epoch loop (engine)")
+                elif child.function in PER_EPOCH:
+                    split_time(child, buckets, "metrics.csv, checkpoint, log (train.py)")
+        epoch_total = sum(buckets.values())
+        if not epoch_total:
+            report.line(f"overhead: no engine.fit frames in the profile of {name}; has fa_cli.train changed?")
+            continue
+        startup = root.time - epoch_total  # Hydra, config, model, data load, final test, results table
+        outside = epoch_total - buckets.get("math", 0.0)
+        epochs = args.overhead_epochs
+        rows = [
+            [label, f"{1e3 * seconds / epochs:.1f}", f"{100 * seconds / epoch_total:.1f}%"]
+            for label, seconds in sorted(buckets.items(), key=lambda kv: (kv[0] != "math", -kv[1]))
+        ]
+        rows.append(
+            [
+                "outside the model's math, total",
+                f"{1e3 * outside / epochs:.1f}",
+                f"{100 * outside / epoch_total:.1f}%",
+            ]
+        )
+        report.table(
+            f"{name}: where an epoch of the real fa-train run goes ({device}, pyinstrument)",
+            ["part of the epoch", "ms/epoch", "share"],
+            rows,
+            note=(
+                f"fa-train {' '.join(a for a in argv[1:] if not a.startswith('hydra.'))}, "
+                "profiled in-process by pyinstrument "
+                f"(0.5 ms sampling, main thread); {epochs} epoch(s), averaged. math = time inside the model "
+                "call, cross_entropy, backward and the optimizer's step/zero_grad (training and validation); "
+                "everything else in engine.fit and in train.py's per-epoch work is outside. The rest of the "
+                f"run (Hydra, model, data load, final test): {startup:.2f} s, once per run, not counted."
+            ),
+        )
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--reps", type=int, default=40, help="interleaved rounds per model in 'steps'")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps per model and rule")
+    p.add_argument("--min-sample", type=float, default=0.02, help="seconds a timed block lasts at least")
+    p.add_argument("--limit-rounds", type=int, default=5, help="profiled rounds per rule in 'limits'")
+    p.add_argument("--limit-steps", type=int, default=10, help="steps per profiled round in 'limits'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help="holds MNIST/raw (torchvision layout)")
+    p.add_argument("--subset", type=int, default=None, help="train on the first N images (quick runs)")
+    p.add_argument("--epoch-models", nargs="+", choices=list(MODELS), default=["ann"])
+    p.add_argument("--epoch-reps", type=int, default=5)
+    p.add_argument("--bt-models", nargs="+", choices=["ann", "cnn", "mlp"], default=["ann"])
+    p.add_argument("--bt-reps", type=int, default=3, help="paired epochs per rule (BioTorch's take ~8 s)")
+    p.add_argument("--bt-workers", type=int, default=0, help="BioTorch DataLoader workers (its configs: 0)")
+    p.add_argument("--bt-trainer", action="store_true", help="also time BioTorch's whole Trainer epoch")
+    p.add_argument("--widths", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--depths", nargs="+", type=int, default=[2, 4, 6, 8])
+    p.add_argument("--sweep-methods", nargs="+", choices=METHODS, default=["bp", "fa", "dfa"])
+    p.add_argument("--sweep-reps", type=int, default=15)
+    p.add_argument("--sweep-budget", type=float, default=6.0, help="seconds of timed rounds per network")
+    p.add_argument("--overhead-models", nargs="+", choices=list(MODELS), default=["ann", "cnn"])
+    p.add_argument("--overhead-epochs", type=int, default=3)
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of rich ones")
+    p.add_argument("--quick", action="store_true", help="a fast smoke run: few rounds, small data")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup, args.epoch_reps, args.bt_reps, args.min_sample = 5, 2, 1, 1, 0.005
+        args.limit_rounds, args.limit_steps = 1, 3
+        args.subset = args.subset or 3000
+        args.widths, args.depths, args.sweep_reps, args.sweep_budget = [256, 1024], [2, 4], 3, 0.5
+        args.overhead_models, args.overhead_epochs = ["ann"], 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = Report(args.markdown)
+    peak = machine(report, device)
+    started = time.perf_counter()
+    if "steps" in args.sections:
+        section_steps(args, report, device)
+    if "limits" in args.sections:
+        section_limits(args, report, device)
+    if "epoch" in args.sections:
+        section_epoch(args, report, device)
+    if "biotorch" in args.sections:
+        section_biotorch(args, report, device)
+    if "sweep" in args.sections:
+        section_sweep(args, report, device, peak)
+    if "overhead" in args.sections:  # last: fa-train installs its own logging and signal handlers
+        section_overhead(args, report, device)
+    report.line(
+        f"done in {time.perf_counter() - started:.0f} s; load average now "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+
+if __name__ == "__main__":
+    main()
