@@ -754,6 +754,8 @@ MATH_FRAMES = (
     ("torch/_tensor.py", ("backward",)),
     ("torch/autograd/__init__.py", ("backward",)),
     ("torch/optim/optimizer.py", None),
+    # Optimizer.zero_grad runs inside torch._disable_dynamo's wrapper, a frame named "inner".
+    ("torch/_compile.py", ("inner",)),
     ("torch/optim/sgd.py", None),
     ("torch/optim/adam.py", None),
 )
