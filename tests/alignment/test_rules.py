@@ -146,13 +146,40 @@ def test_sign_concordant_feedback_follows_the_sign_of_w(method):
 @pytest.mark.parametrize(("method", "changes"), [("brsf", True), ("frsf", False), ("usf", False)])
 def test_brsf_redraws_magnitudes_every_batch_and_frsf_keeps_them(method, changes):
     layer = Linear(20, 10, method=method, seed=0)
-    x = torch.randn(4, 20)
+    x = torch.randn(4, 20, requires_grad=True)  # an input that gets an error, so B is used
     seen = []
     for _ in range(2):
         layer(x).sum().backward()
         seen.append(layer.feedback.clone())
     assert (not torch.equal(seen[0], seen[1])) == changes
     assert bool((seen[0] >= 0).all())
+
+
+@pytest.mark.parametrize("method", ["fa", "usf", "frsf", "brsf", "kp"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_layer_whose_input_needs_no_gradient_builds_no_feedback(method, conv, monkeypatch):
+    # The first layer sends no error anywhere: its B is never read, so neither copysign nor brsf's
+    # draws may run for it, and its parameter gradients (and kp's B.grad) stay exact.
+    torch.manual_seed(0)
+    layer = Conv2d(2, 3, 3, method=method, seed=0) if conv else Linear(6, 3, method=method, seed=0)
+    x = torch.randn(4, 2, 5, 5) if conv else torch.randn(4, 6)
+    upstream = torch.randn_like(layer(x))
+    feedback_before = layer.feedback.clone()
+    calls = []
+    monkeypatch.setattr(torch, "copysign", lambda *a, **k: calls.append("copysign"))
+    rng_before = torch.get_rng_state()
+    layer.zero_grad()
+    (layer(x) * upstream).sum().backward()
+    assert calls == []
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.equal(layer.feedback, feedback_before)
+    reference = getattr(nn, type(layer).__name__)(*((2, 3, 3) if conv else (6, 3)))
+    reference.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "feedback"})
+    (reference(x) * upstream).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
+    if method == "kp":
+        assert torch.equal(layer.feedback.grad, layer.weight.grad)
 
 
 def test_kp_feedback_gets_w_gradient_and_aligns_with_w():

@@ -91,9 +91,14 @@ class AlignmentLayer:
     def _uses_rule(self) -> bool:
         return self.method not in ("bp", "shallow") and rules_active()
 
-    def _step_feedback(self) -> Tensor:
+    def _step_feedback(self, input: Tensor) -> Tensor:
         """The effective ``B`` for this forward (brsf draws new magnitudes for each training batch)."""
         assert self.feedback is not None
+        if not (input.requires_grad and torch.is_grad_enabled()):
+            # No error will be sent to this input (the first layer, or no autograd at all), so B is
+            # never read: skip building it (a pass over the weights for the sign-concordant rules,
+            # plus brsf's draws). kp's B is the buffer itself, which still receives W's gradient.
+            return self.feedback
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
             fb.redraw_magnitude(self.feedback, self.weight, self.scale)
         return fb.effective(self.method, self.weight, self.feedback)
@@ -163,7 +168,8 @@ class Linear(AlignmentLayer, nn.Linear):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
-        return LinearFeedback.apply(input, self.weight, self.bias, self._step_feedback(), self.method == "kp")
+        feedback = self._step_feedback(input)
+        return LinearFeedback.apply(input, self.weight, self.bias, feedback, self.method == "kp")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._rule_repr()}"
@@ -190,7 +196,7 @@ class _ConvNd(AlignmentLayer):
         if self.method == "dfa":
             return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
         return ConvFeedback.apply(
-            input, self.weight, self.bias, self._step_feedback(), *conf, self.method == "kp"
+            input, self.weight, self.bias, self._step_feedback(input), *conf, self.method == "kp"
         )
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
