@@ -164,6 +164,26 @@ class TrainerConfig:
     threads: int | None = None  # torch.set_num_threads (null: torch's default)
 
 
+# --- diagnostics/ ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DiagnosticsConfig:
+    every: int = 0  # measure alignment angles every N training steps (0: off, costing nothing)
+
+
+# --- eval/ ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    attack: str = "none"  # none | fgsm | pgd: test accuracy under an L-infinity attack, true input gradient
+    eps: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])  # pixel units (0..1)
+    steps: int = 10  # pgd: gradient steps per example
+    step_size: float = 0.25  # pgd: each step's size as a fraction of eps
+    random_start: bool = True  # pgd: start from a uniform random point of the eps-ball (seeded)
+
+
 @dataclass
 class RunConfig:
     """A validated run: what :func:`validate` returns."""
@@ -173,6 +193,8 @@ class RunConfig:
     method: MethodConfig
     optim: SGDConfig | AdamConfig
     trainer: TrainerConfig
+    diagnostics: DiagnosticsConfig
+    eval: EvalConfig
     seed: int
 
 
@@ -182,12 +204,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "method": {"rule": MethodConfig, "dfa": DFAConfig},
     "optim": {"sgd": SGDConfig, "adam": AdamConfig},
     "trainer": {"trainer": TrainerConfig},
+    "diagnostics": {"diagnostics": DiagnosticsConfig},
+    "eval": {"eval": EvalConfig},
 }
 
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu")
 SCHEDULES = ("none", "step", "multistep", "cosine")
 PROJECTIONS = ("full", "channel")
+ATTACKS = ("none", "fgsm", "pgd")
 
 
 def register() -> None:
@@ -228,6 +253,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_method(run.method)
     _check_optim(run.optim)
     _check_trainer(run.trainer)
+    _check_diagnostics(run.diagnostics)
+    _check_eval(run.eval)
     return run
 
 
@@ -320,6 +347,22 @@ def _check_trainer(t: TrainerConfig) -> None:
     device = t.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError("trainer.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_diagnostics(d: DiagnosticsConfig) -> None:
+    if d.every < 0:
+        raise ConfigError("diagnostics.every", f"must be >= 0 steps (0: off), got {d.every}")
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _one_of("eval.attack", e.attack, ATTACKS)
+    if e.attack != "none" and not e.eps:
+        raise ConfigError("eval.eps", f"{e.attack} needs at least one epsilon, e.g. eval.eps=[0,0.1,0.2]")
+    for i, eps in enumerate(e.eps):
+        if not 0 <= eps <= 1:  # also rejects NaN
+            raise ConfigError(f"eval.eps[{i}]", f"must be in [0, 1] (pixel units), got {eps}")
+    _positive("eval.steps", e.steps)
+    _positive("eval.step_size", e.step_size)
 
 
 def _positive(key: str, value: float) -> None:

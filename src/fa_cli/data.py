@@ -64,6 +64,17 @@ class Data:
     val: Split | None  # None when dataset.val_fraction is 0
     test: Split
     shape: ImageShape
+    # The normalisation, per channel, shape (1, C, 1, 1): pixel value p in [0, 1] is (p - mean) / std in
+    # the splits. Pixel-space quantities (an attack's epsilon, the valid image range) convert through it.
+    mean: Tensor
+    std: Tensor
+
+    def pixel_bounds(self) -> tuple[Tensor, Tensor]:
+        """The normalised values of pixels 0 and 1, per channel, on the splits' device: computed as the
+        splits were, so every example lies within them exactly."""
+        device = self.test.inputs.device
+        return ((0.0 - self.mean) / self.std).to(device), ((1.0 - self.mean) / self.std).to(device)
+
 
 
 def shape_of(cfg: FilesDatasetConfig | SyntheticDatasetConfig) -> ImageShape:
@@ -105,6 +116,8 @@ def load(cfg: FilesDatasetConfig | SyntheticDatasetConfig, device: torch.device,
         val=split(train_x[val_index], train_y[val_index]) if num_val else None,
         test=split(test_x, test_y),
         shape=shape_of(cfg),
+        mean=mean,
+        std=std,
     )
 
 

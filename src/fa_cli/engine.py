@@ -22,6 +22,9 @@ from fa_cli.data import Data, Split
 #: Called with (epoch, step, steps, running loss, running accuracy) at most every REFRESH_SECONDS.
 Progress = Callable[[int, int, int, float, float], None]
 REFRESH_SECONDS = 0.5
+#: Called with (epoch, step, steps, inputs, targets) before each training step, ``step`` counting the
+#: epoch's updates done so far (from 0): the diagnostics' way in. None, the default, costs nothing.
+BatchHook = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -55,6 +58,7 @@ def fit(
     generator: torch.Generator,
     first_epoch: int = 1,
     progress: Progress | None = None,
+    on_batch: BatchHook | None = None,
 ) -> Iterator[EpochRecord]:
     """Train from ``first_epoch`` to ``epochs`` (inclusive), yielding after each epoch (after validation
     and the scheduler step), so the caller can checkpoint, select and stop early between epochs.
@@ -63,7 +67,14 @@ def fit(
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_accuracy = train_epoch(
-            model, optimizer, data.train, batch_size, generator, epoch=epoch, progress=progress
+            model,
+            optimizer,
+            data.train,
+            batch_size,
+            generator,
+            epoch=epoch,
+            progress=progress,
+            on_batch=on_batch,
         )
         val_loss, val_accuracy = evaluate(model, data.val, eval_batch_size) if data.val else (None, None)
         scheduler.step()
@@ -80,6 +91,7 @@ def train_epoch(
     *,
     epoch: int = 1,
     progress: Progress | None = None,
+    on_batch: BatchHook | None = None,
 ) -> tuple[float, float]:
     """One pass over ``split`` in a random order; returns its mean loss and accuracy."""
     model.train()
@@ -93,6 +105,8 @@ def train_epoch(
     last_refresh = time.monotonic()
     for step, index in enumerate(batches):
         inputs, targets = split.inputs.index_select(0, index), split.targets.index_select(0, index)
+        if on_batch is not None:
+            on_batch(epoch, step, len(batches), inputs, targets)
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)

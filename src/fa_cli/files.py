@@ -31,6 +31,10 @@ def write_text(path: Path, text: str) -> None:
     _replace(path, lambda f: f.write(text.encode()))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _replace(path, lambda f: f.write(data))
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 

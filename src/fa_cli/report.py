@@ -57,6 +57,8 @@ class Row:
     statuses: Counter[str] = field(default_factory=Counter)
     accuracies: list[float] = field(default_factory=list)  # of completed runs, percent
     losses: list[float] = field(default_factory=list)
+    # eval.attack runs: attack -> epsilon -> test accuracies under that attack, percent
+    robustness: dict[str, dict[float, list[float]]] = field(default_factory=dict)
 
     @property
     def runs(self) -> int:
@@ -77,6 +79,7 @@ class Row:
 
 
 Tables = dict[tuple[str, str], list[Row]]
+RobustnessTable = tuple[str, tuple[str, ...], list[tuple[str, ...]]]  # title, header, rows of cells
 
 
 def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -113,6 +116,10 @@ def summarize(results: Iterable[dict[str, Any]]) -> Tables:
             if status == "completed":
                 row.accuracies.append(float(r["test_accuracy"]))
                 row.losses.append(float(r["test_loss"]))
+                if r.get("robustness"):
+                    by_eps = row.robustness.setdefault(r["robustness"]["attack"], {})
+                    for point in r["robustness"]["results"]:
+                        by_eps.setdefault(float(point["eps"]), []).append(float(point["accuracy"]))
         tables[key] = sorted(rows.values(), key=_order)
     return tables
 
@@ -141,7 +148,29 @@ def to_markdown(tables: Tables) -> str:
         lines += [f"## {dataset} · {model}", "", _md_row(header), _md_row(alignment).replace(" ", "")]
         lines += [_md_row(row.cells(settings)) for row in rows]
         lines.append("")
+        for title, header, cells in _robustness_tables(rows, f"{dataset} · {model}"):
+            alignment = ["---"] * (1 + settings) + ["---:"] * (len(header) - 1 - settings)
+            lines += [f"### {title}", "", _md_row(header), _md_row(alignment).replace(" ", "")]
+            lines += [_md_row(row) for row in cells] + [""]
     return "\n".join(lines)
+
+
+def _robustness_tables(rows: list[Row], title: str) -> list[RobustnessTable]:
+    """Per attack among ``rows``: (title, header, cells): test accuracy (mean ± std over seeds) at
+    each epsilon, a row per method."""
+    settings = _has_settings(rows)
+    tables = []
+    for attack in sorted({attack for row in rows for attack in row.robustness}):
+        eps = sorted({e for row in rows for e in row.robustness.get(attack, {})})
+        header = (HEADER[0], *(["Settings"] if settings else []), *(f"ε = {e:g}" for e in eps))
+        cells = []
+        for row in rows:
+            if attack in row.robustness:
+                by_eps = row.robustness[attack]
+                label = row.cells(settings)[: 1 + settings]
+                cells.append((*label, *(_mean_std(by_eps.get(e, []), 2, " %") for e in eps)))
+        tables.append((f"{title}: test accuracy under {attack.upper()} attack", header, cells))
+    return tables
 
 
 def to_csv_rows(tables: Tables) -> list[dict[str, Any]]:
@@ -175,7 +204,22 @@ def to_rich(tables: Tables) -> list[Table]:
         for row in rows:
             table.add_row(*row.cells(settings))
         out.append(table)
+        for title, header, cells in _robustness_tables(rows, f"{dataset} · {model}"):
+            table = Table(title=title)
+            for i, name in enumerate(header):
+                table.add_column(name, justify="left" if i <= settings else "right")
+            for row_cells in cells:
+                table.add_row(*row_cells)
+            out.append(table)
     return out
+
+
+def write_plots(folder: Path, paths: Iterable[Path]) -> list[Path]:
+    """The sweep figures (:func:`fa_cli.plots.plot_sweep`) of the runs under ``paths``, in ``folder``;
+    returns the files written."""
+    from fa_cli import plots  # here: plots imports this module
+
+    return plots.plot_sweep(Path(folder), plots.collect_runs(paths))
 
 
 def write_summary(folder: Path, tables: Tables) -> None:
@@ -197,6 +241,11 @@ class SweepSummary(Callback):
         for table in to_rich(tables):
             console.print(table)
         console.print(f"summary: {sweep_dir / 'summary.md'}, {sweep_dir / 'summary.csv'}")
+        try:
+            figures = write_plots(sweep_dir, [sweep_dir])
+            console.print(f"plots: {', '.join(f.name for f in figures) or 'no data to plot'}")
+        except Exception as e:  # the tables are written; a figure that fails must not hide them
+            print(f"fa-train: plots not written: {type(e).__name__}: {e}", file=sys.stderr)
         incomplete = Counter(r.get("status") for r in results if r.get("status") != "completed")
         if incomplete:
             count = f"{sum(incomplete.values())} of {len(results)} runs"
@@ -210,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     add("paths", nargs="+", type=Path, help="run or sweep folders (searched for results.json)")
     add("--format", choices=("rich", "markdown", "csv"), default="rich", help="what to print")
     add("--write", action="store_true", help="write summary.md and summary.csv in the first PATH")
+    add("--plots", action="store_true", help="write the sweep's PNG figures in the first PATH")
     args = parser.parse_args(argv)
 
     missing = [p for p in args.paths if not p.exists()]
@@ -230,6 +280,15 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
         write_summary(folder, tables)
         print(f"wrote {folder / 'summary.md'} and {folder / 'summary.csv'}", file=sys.stderr)
+    if args.plots:
+        folder = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
+        try:
+            figures = write_plots(folder, args.paths)
+        except Exception as e:
+            print(f"fa-report: error: plots not written: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(1)
+        for figure in figures:
+            print(f"wrote {figure}", file=sys.stderr)
 
 
 def _mean_std(values: list[float], digits: int, unit: str = "") -> str:

@@ -41,8 +41,12 @@ import fa_cli
 from fa_cli import data, engine, models
 from fa_cli.alignment import convert
 from fa_cli.config import Abort, ConfigError, DFAConfig, RunConfig, describe, validate
+from fa_cli.diagnostics import FIELDS as ALIGNMENT_FIELDS
+from fa_cli.diagnostics import Diagnostics
+from fa_cli.eval import attack_accuracies
 from fa_cli.files import save_checkpoint, write_csv, write_json
 from fa_cli.optim import build_optimizer, build_scheduler
+from fa_cli.plots import plot_run
 
 log = logging.getLogger(__name__)
 console = Console()  # rich's progress bar and tables; log lines go through rich too (conf/hydra/job_logging)
@@ -153,6 +157,9 @@ class Run:
         )
         self.history: list[engine.EpochRecord] = []
         self.selected = Selection()
+        # None when off: the training loop then runs exactly as it would without diagnostics
+        every = cfg.diagnostics.every
+        self.diagnostics = Diagnostics(self.model, every) if every else None
         self.results: dict[str, Any] = {
             "method": cfg.method.name,
             "model": cfg.model.name,
@@ -175,9 +182,13 @@ class Run:
             "started_at": _now(),
             "overrides": overrides,
             "config": dataclasses.asdict(cfg),
+            "alignment": None,  # with diagnostics: the last measured angles, per metric and layer
+            "robustness": None,  # with eval.attack: test accuracy under attack at each epsilon
         }
         write_json(run_dir / "results.json", self.results)
         write_csv(run_dir / "metrics.csv", [], METRICS)  # the header now: the file exists from the start
+        if self.diagnostics is not None:
+            write_csv(run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
 
     def fit(self) -> str:
         """Load the data, train, and test the selected epoch's model. Returns the status."""
@@ -209,6 +220,7 @@ class Run:
                     eval_batch_size=cfg.trainer.eval_batch_size,
                     generator=batch_order,
                     progress=on_step,
+                    on_batch=self.diagnostics,
                 ):
                     self.end_epoch(record, optimizer, scheduler, batch_order)
                     if self.patience_ran_out(record):
@@ -220,7 +232,19 @@ class Run:
         model.load_state_dict(self.selected.state)
         test = engine.evaluate(model, splits.test, cfg.trainer.eval_batch_size)
         results["test_loss"], results["test_accuracy"] = test
+        if cfg.eval.attack != "none":
+            self.attack(splits)
         return "completed"
+
+    def attack(self, splits: data.Data) -> None:
+        """Test accuracy of the selected model under ``eval.attack`` at each ``eval.eps``."""
+        cfg = self.cfg
+        points = attack_accuracies(
+            self.model, splits, cfg.eval, batch_size=cfg.trainer.eval_batch_size, seed=cfg.seed
+        )
+        self.results["robustness"] = {"attack": cfg.eval.attack, "results": points}
+        accuracies = "  ".join(f"eps {p['eps']:g}: {p['accuracy']:.2f}%" for p in points)
+        log.info(f"under {cfg.eval.attack} attack: {accuracies}")
 
     def end_epoch(
         self,
@@ -234,6 +258,9 @@ class Run:
         with interrupts_deferred():
             self.history.append(record)
             write_csv(self.run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
+            if self.diagnostics is not None:
+                write_csv(self.run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
+                self.results["alignment"] = self.diagnostics.final()
             self.selected.offer(record, self.model)
             save_checkpoint(
                 self.run_dir / "checkpoint.pt",
@@ -248,7 +275,10 @@ class Run:
                     "config": dataclasses.asdict(self.cfg),
                 },
             )
-        log.info(_epoch_line(record, self.cfg.trainer.epochs))
+        line = _epoch_line(record, self.cfg.trainer.epochs)
+        if self.diagnostics is not None:
+            line = f"{line}  {self.diagnostics.epoch_summary(record.epoch)}"
+        log.info(line)
 
     def patience_ran_out(self, record: engine.EpochRecord) -> bool:
         patience = self.cfg.trainer.patience
@@ -267,7 +297,16 @@ class Run:
             finished_at=_now(),
         )
         write_json(self.run_dir / "results.json", self.results)
+        self.plot()
         return self.results
+
+    def plot(self) -> None:
+        """``curves.png`` and ``alignment.png`` in the run folder, from the files just written. A figure
+        that cannot be drawn costs a warning, never the run's results."""
+        try:
+            plot_run(self.run_dir)
+        except Exception as error:
+            log.warning(f"plots not written: {describe(error)}")
 
 
 @dataclasses.dataclass
