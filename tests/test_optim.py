@@ -46,6 +46,29 @@ def test_kp_feedback_learns_in_the_same_optimizer_with_the_same_rule():
     }
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_makes_the_updates_of_torchs_reference_loop_for_w_and_kp_feedback(nesterov):
+    # build_optimizer uses the fused kernel (speed); it must update W and kp's B as the for-loop does.
+    torch.manual_seed(0)
+    cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    net = network()
+    fused_model, loop_model = convert(net, "kp", seed=0), convert(net, "kp", seed=0)
+    fused = build_optimizer(cfg, fused_model)
+    assert fused.param_groups[0]["fused"] and fused.param_groups[1]["fused"]
+    loop = torch.optim.SGD(
+        loop_model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov
+    )
+    loop.add_param_group({"params": feedback_parameters(loop_model)})
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for (name, a), b in zip(fused_model.state_dict().items(), loop_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("method", ["bp", "fa", "dfa"])
 def test_fixed_feedback_stays_out_of_the_optimizer(method):
     model = convert(network(), method, num_classes=4, seed=0)

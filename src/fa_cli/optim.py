@@ -20,7 +20,12 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(cfg, SGDConfig):
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+            fused=_fusable(params, model),
         )
     elif isinstance(cfg, AdamConfig):
         optimizer = torch.optim.Adam(
@@ -31,6 +36,14 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     if feedback := feedback_parameters(model):
         optimizer.add_param_group({"params": feedback})
     return optimizer
+
+
+def _fusable(params: list[nn.Parameter], model: nn.Module) -> bool | None:
+    # The fused kernel updates every tensor in one pass (a third less time than the per-tensor loop
+    # on a 4x1024 MLP on the CPU, benchmarks/speed.py). It takes floating-point CPU and CUDA tensors.
+    tensors = [*params, *feedback_parameters(model)]
+    supported = all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)
+    return True if tensors and supported else None
 
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int) -> LRScheduler:

@@ -155,6 +155,26 @@ def test_brsf_redraws_magnitudes_every_batch_and_frsf_keeps_them(method, changes
     assert bool((seen[0] >= 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_brsf_magnitudes_follow_the_global_seed_and_are_uniform_up_to_the_bound(dtype):
+    layer = Linear(400, 300, method="brsf", seed=0).to(dtype)
+    x = torch.randn(2, 400, dtype=dtype, requires_grad=True)
+
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        layer(x)
+        return layer.feedback.clone()
+
+    first, again, other = draw(1), draw(1), draw(2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    bound = 1 / 400**0.5
+    assert first.dtype == dtype and first.min() >= 0 and first.max() < bound
+    # U(0, bound): mean bound/2, standard deviation bound/sqrt(12), 120,000 draws
+    assert abs(first.mean().item() - bound / 2) < 0.01 * bound
+    assert abs(first.std().item() - bound / 12**0.5) < 0.01 * bound
+    assert len(first.unique()) > 0.99 * first.numel()  # not a coarse grid
+
+
 @pytest.mark.parametrize("method", ["fa", "usf", "frsf", "brsf", "kp"])
 @pytest.mark.parametrize("conv", [False, True])
 def test_a_layer_whose_input_needs_no_gradient_builds_no_feedback(method, conv, monkeypatch):
