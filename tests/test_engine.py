@@ -96,3 +96,23 @@ def test_the_batch_order_follows_the_generator(splits):
         generator = torch.Generator().manual_seed(seed)
         results.append(engine.train_epoch(model, optimizer, splits.train, 32, generator))
     assert results[0] == results[1] != results[2]
+
+
+@pytest.mark.parametrize("batch_size", [32, 37])  # 37: a shorter last batch
+def test_train_epoch_reports_the_mean_loss_and_accuracy_of_every_example_it_saw(splits, batch_size):
+    # With lr=0 the model stays as it is, so the epoch's numbers must be the whole split's: batches are
+    # gathered into reused buffers and per-step numbers stacked at refreshes, and none may be lost.
+    model, optimizer, _ = setup(lr=0.0)
+    reported = []
+    loss, accuracy = engine.train_epoch(
+        model,
+        optimizer,
+        splits.train,
+        batch_size,
+        torch.Generator().manual_seed(0),
+        progress=lambda epoch, step, steps, loss, accuracy: reported.append(step),
+    )
+    expected_loss, expected_accuracy = engine.evaluate(model, splits.train, len(splits.train))
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert accuracy == pytest.approx(expected_accuracy)
+    assert reported[-1] == math.ceil(len(splits.train) / batch_size)
