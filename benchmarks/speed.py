@@ -58,7 +58,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from fa_cli import data, engine, models
-from fa_cli.alignment import METHODS, convert
+from fa_cli.alignment import METHODS, convert, feedback
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
 
@@ -340,6 +340,9 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
 # --- what a rule adds to a step --------------------------------------------------------------------
 
 
+#: brsf draws its magnitudes with numpy on the CPU, which torch.profiler does not see: profile_step
+#: wraps the draw in a record_function of this name so its time is counted.
+BRSF_DRAW = "brsf: draw |R| (numpy)"
 #: Profiler op names -> what they are in a training step (the rest is "other").
 OP_KINDS = {
     "matmul / conv": (
@@ -359,7 +362,7 @@ OP_KINDS = {
         "aten::_fused_adam_",
     ),
     "copysign (sign-concordant B)": ("aten::copysign",),
-    "random numbers (brsf)": ("aten::uniform_",),
+    "random numbers (brsf)": ("aten::uniform_", "aten::random_", "aten::randint", BRSF_DRAW),
     "copies (kp: clone of W's grad)": ("aten::copy_", "aten::clone"),
     "rule's Python (autograd.Function)": tuple(
         f"{name}{suffix}"
@@ -371,11 +374,21 @@ OP_KINDS = {
 
 def profile_step(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> dict[str, float]:
     """Milliseconds per step in each kind of op: the self time torch.profiler records per op name."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            train_step(case, inputs, targets)
+    draw = feedback.redraw_magnitude
+
+    def labelled_draw(*args: Any) -> None:
+        with record_function(BRSF_DRAW):
+            draw(*args)
+
+    feedback.redraw_magnitude = labelled_draw
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(case, inputs, targets)
+    finally:
+        feedback.redraw_magnitude = draw
     kinds = {name: kind for kind, names in OP_KINDS.items() for name in names}
     totals: dict[str, float] = {kind: 0.0 for kind in [*OP_KINDS, "other"]}
     for event in prof.key_averages():
@@ -413,6 +426,10 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     copy = statistics.median(timed(lambda: weights.clone(), device) for _ in range(20))
     draws = torch.empty(1_000_000)
     rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
+    brsf = statistics.median(
+        timed(lambda: feedback.redraw_magnitude(draws, draws.view(1000, 1000), 1.0), device)
+        for _ in range(20)
+    )
     report.table(
         f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
         ["method", "total", *kinds],
@@ -421,7 +438,7 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
             f"median of {args.limit_rounds} profiled rounds of {args.limit_steps} steps; self CPU time per "
             f"op name. For scale: one copy of all {weights.numel() / 1e6:.2f}M weights takes "
             f"{1e3 * copy:.2f} ms; uniform_ on the CPU generator (mt19937) draws 1M floats in "
-            f"{1e3 * rng:.2f} ms."
+            f"{1e3 * rng:.2f} ms, brsf's draw (numpy SFC64, seeded from torch) in {1e3 * brsf:.2f} ms."
         ),
     )
     del cases
