@@ -44,7 +44,7 @@ def test_groups_have_the_options_the_cli_documents():
     assert options("dataset") == ["cifar10", "fashion_mnist", "mnist", "synthetic"]
     assert options("model") == ["ann", "cnn", "lenet", "mlp", "torchvision"]
     assert options("method") == sorted(["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "shallow"])
-    assert options("optim") == ["adam", "sgd"]
+    assert options("optim") == ["adam", "adamw", "sgd"]
     assert "default" in options("trainer")
     assert options("experiment"), "at least one preset"
 

@@ -56,6 +56,7 @@ class DatasetConfig:
     name: str = MISSING
     subset: int | None = None  # use only the first N training examples (null: all)
     val_fraction: float = 0.1  # share of the training examples held out for model selection (0: none)
+    random_shift: int = 0  # augmentation: training images move by up to this many pixels each way (0: off)
 
 
 @dataclass
@@ -150,6 +151,12 @@ class AdamConfig(OptimConfig):
     eps: float = 1e-8
 
 
+@dataclass
+class AdamWConfig(AdamConfig):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): the decay shrinks the weights directly
+    instead of joining the gradient that Adam normalises."""
+
+
 # --- trainer/ -------------------------------------------------------------------------------------
 
 
@@ -162,6 +169,7 @@ class TrainerConfig:
     patience: int | None = None  # stop once validation accuracy has not improved for this many epochs
     deterministic: bool = True  # deterministic kernels on CUDA (same seed, same results)
     threads: int | None = None  # torch.set_num_threads (null: torch's default)
+    label_smoothing: float = 0.0  # training loss only; validation and test losses stay plain cross-entropy
 
 
 # --- diagnostics/ ---------------------------------------------------------------------------------
@@ -191,7 +199,7 @@ class RunConfig:
     dataset: FilesDatasetConfig | SyntheticDatasetConfig
     model: MLPConfig | CNNConfig | LeNetConfig | TorchvisionConfig
     method: MethodConfig
-    optim: SGDConfig | AdamConfig
+    optim: SGDConfig | AdamConfig | AdamWConfig
     trainer: TrainerConfig
     diagnostics: DiagnosticsConfig
     eval: EvalConfig
@@ -202,7 +210,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"files": FilesDatasetConfig, "synthetic": SyntheticDatasetConfig},
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "lenet": LeNetConfig, "torchvision": TorchvisionConfig},
     "method": {"rule": MethodConfig, "dfa": DFAConfig},
-    "optim": {"sgd": SGDConfig, "adam": AdamConfig},
+    "optim": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
     "trainer": {"trainer": TrainerConfig},
     "diagnostics": {"diagnostics": DiagnosticsConfig},
     "eval": {"eval": EvalConfig},
@@ -273,6 +281,8 @@ def _check_dataset(d: FilesDatasetConfig | SyntheticDatasetConfig) -> None:
         _positive("dataset.subset", d.subset)
     if not 0 <= d.val_fraction < 1:
         raise ConfigError("dataset.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    if d.random_shift < 0:
+        raise ConfigError("dataset.random_shift", f"must be >= 0 pixels, got {d.random_shift}")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -344,6 +354,8 @@ def _check_trainer(t: TrainerConfig) -> None:
         _positive("trainer.patience", t.patience)
     if t.threads is not None:
         _positive("trainer.threads", t.threads)
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError("trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
     device = t.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError("trainer.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from fa_cli.data import Data, Split
+from fa_cli.data import Data, Split, shift_images
 
 #: Called with (epoch, step, steps, running loss, running accuracy) at most every REFRESH_SECONDS.
 Progress = Callable[[int, int, int, float, float], None]
@@ -58,11 +58,13 @@ def fit(
     generator: torch.Generator,
     first_epoch: int = 1,
     progress: Progress | None = None,
+    label_smoothing: float = 0.0,
+    random_shift: int = 0,
     on_batch: BatchHook | None = None,
 ) -> Iterator[EpochRecord]:
     """Train from ``first_epoch`` to ``epochs`` (inclusive), yielding after each epoch (after validation
     and the scheduler step), so the caller can checkpoint, select and stop early between epochs.
-    ``generator`` draws each epoch's batch order. Raises :class:`Diverged`."""
+    ``generator`` draws each epoch's batch order (and shifts). Raises :class:`Diverged`."""
     for epoch in range(first_epoch, epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -74,6 +76,8 @@ def fit(
             generator,
             epoch=epoch,
             progress=progress,
+            label_smoothing=label_smoothing,
+            random_shift=random_shift,
             on_batch=on_batch,
         )
         val_loss, val_accuracy = evaluate(model, data.val, eval_batch_size) if data.val else (None, None)
@@ -91,40 +95,43 @@ def train_epoch(
     *,
     epoch: int = 1,
     progress: Progress | None = None,
+    label_smoothing: float = 0.0,
+    random_shift: int = 0,
     on_batch: BatchHook | None = None,
 ) -> tuple[float, float]:
-    """One pass over ``split`` in a random order; returns its mean loss and accuracy."""
+    """One pass over ``split`` in a random order; returns its mean loss (with ``label_smoothing``) and
+    accuracy. ``random_shift`` > 0 moves each image by a random offset of up to that many pixels in
+    each direction, a new one per epoch."""
     model.train()
     device = split.targets.device
     batches = torch.randperm(len(split), generator=generator).to(device).split(batch_size)
+    # Drawn on the host for the whole epoch and moved once, as the order is: no per-step transfer.
+    shifts = (
+        torch.randint(-random_shift, random_shift + 1, (len(split), 2), generator=generator).to(device)
+        if random_shift
+        else None
+    )
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches = batches[:-1]  # BatchNorm cannot train on a single example
     sizes = torch.tensor([len(index) for index in batches], device=device)
-    # Each batch's mean loss and correct count, kept on the device; stacked at each refresh (one op,
-    # instead of an indexed store per step, which on a small model costs a tenth of its step).
-    step_losses: list[torch.Tensor] = []
-    step_correct: list[torch.Tensor] = []
-    # Batches are gathered into two reused buffers (no allocation per step). The model's graph of the
-    # previous step is freed by then; a hook that keeps a batch past its step must clone it.
-    widest = max(len(index) for index in batches)
-    input_buffer = split.inputs.new_empty((widest, *split.inputs.shape[1:]))
-    target_buffer = split.targets.new_empty(widest)
+    losses = torch.zeros(len(batches), device=device)  # mean loss of each batch
+    correct = torch.zeros(len(batches), device=device, dtype=torch.long)
     last_refresh = time.monotonic()
     for step, index in enumerate(batches):
-        inputs = torch.index_select(split.inputs, 0, index, out=input_buffer[: len(index)])
-        targets = torch.index_select(split.targets, 0, index, out=target_buffer[: len(index)])
+        inputs, targets = split.inputs.index_select(0, index), split.targets.index_select(0, index)
+        if shifts is not None:
+            inputs = shift_images(inputs, shifts.index_select(0, index), random_shift)
         if on_batch is not None:
             on_batch(epoch, step, len(batches), inputs, targets)
         logits = model(inputs)
-        loss = F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step_losses.append(loss.detach())
-        step_correct.append((logits.argmax(dim=1) == targets).sum())
+        losses[step] = loss.detach()
+        correct[step] = (logits.argmax(dim=1) == targets).sum()
         last = step == len(batches) - 1
         if last or (progress is not None and time.monotonic() - last_refresh >= REFRESH_SECONDS):
-            losses, correct = torch.stack(step_losses), torch.stack(step_correct)
             done = slice(0, step + 1)
             loss_sum, seen = (losses[done] * sizes[done]).sum().item(), sizes[done].sum().item()
             if not math.isfinite(loss_sum):

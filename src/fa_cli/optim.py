@@ -7,7 +7,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, MultiStepLR, StepLR
 
 from fa_cli.alignment import feedback_parameters
-from fa_cli.config import AdamConfig, OptimConfig, SGDConfig
+from fa_cli.config import AdamConfig, AdamWConfig, OptimConfig, SGDConfig
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -26,6 +26,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
             fused=_fusable(params, model),
+        )
+    elif isinstance(cfg, AdamWConfig):  # before AdamConfig, its base class
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     elif isinstance(cfg, AdamConfig):
         optimizer = torch.optim.Adam(

@@ -220,6 +220,8 @@ class Run:
                     eval_batch_size=cfg.trainer.eval_batch_size,
                     generator=batch_order,
                     progress=on_step,
+                    label_smoothing=cfg.trainer.label_smoothing,
+                    random_shift=cfg.dataset.random_shift,
                     on_batch=self.diagnostics,
                 ):
                     self.end_epoch(record, optimizer, scheduler, batch_order)
