@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU half of docs/RESULTS.md: the report's CNN grid (bp, fa, dfa x seeds 0-2, experiment=report_cnn)
+# and BioTorch's LeNet grid (bp, fa, usf, brsf, frsf, dfa x seeds 0-2, experiment=biotorch_lenet) on one
+# GPU. One `fa-train -m` per (preset, method) runs in the background, all at once: a run of these small
+# models keeps one CPU core busy launching kernels and leaves the GPU mostly idle, so 9 of them share it.
+#
+#   FA_DATA_DIR=/data OUT=/tmp/results benchmarks/results_gpu.sh            # the real thing (cuda)
+#   FA_DATA_DIR=/data OUT=/tmp/tiny FA_DEVICE=cpu benchmarks/results_gpu.sh trainer.epochs=1 dataset.subset=512
+#
+# Arguments are extra overrides for every run. Environment:
+#   FA_DATA_DIR      folder holding MNIST/raw/ (required; checked before anything starts)
+#   OUT              where results come back (required): one folder per sweep with each run's results.json,
+#                    metrics.csv, train.log and .hydra/ (no checkpoints), the sweeps' summaries, the logs,
+#                    summary_<preset>.md (fa-report's tables) and machine.txt
+#   FA_DEVICE        trainer.device for every run (default cuda: no GPU is an error, never a silent CPU run)
+#   FA_TIME_LIMIT    seconds each fa-train may take before it is stopped (default 420)
+#   FA_WORK          where runs write while training (default: a fresh temporary folder)
+# Exit code 0 only when all 27 runs completed; otherwise 1, after copying back whatever there is.
+set -euo pipefail
+
+die() { echo "results_gpu.sh: error: $*" >&2; exit 2; }
+
+[[ -n "${OUT:-}" ]] || die "set OUT to the folder the results should go to"
+[[ -n "${FA_DATA_DIR:-}" ]] || die "set FA_DATA_DIR to the folder that holds MNIST/raw/"
+for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+  [[ -f "$FA_DATA_DIR/MNIST/raw/$name" ]] || die "$FA_DATA_DIR/MNIST/raw/$name not found (FA_DATA_DIR=$FA_DATA_DIR)"
+done
+# Absolute paths: the script moves to the repository root next.
+FA_DATA_DIR="$(cd "$FA_DATA_DIR" && pwd)"
+export FA_DATA_DIR
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+cd "$(dirname "$0")/.."
+if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+command -v fa-train >/dev/null || die "fa-train not on PATH: install the project (pip install -e .) or activate its .venv"
+
+DEVICE="${FA_DEVICE:-cuda}"
+TIME_LIMIT="${FA_TIME_LIMIT:-420}"
+if [[ "$DEVICE" == cuda* ]]; then
+  python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    || die "FA_DEVICE=$DEVICE but torch sees no GPU (torch $(python -c 'import torch; print(torch.__version__)'))"
+fi
+
+GRIDS=(
+  "report_cnn bp" "report_cnn fa" "report_cnn dfa"
+  "biotorch_lenet bp" "biotorch_lenet fa" "biotorch_lenet usf"
+  "biotorch_lenet brsf" "biotorch_lenet frsf" "biotorch_lenet dfa"
+)
+SEEDS="0,1,2"
+EXPECTED=$((${#GRIDS[@]} * 3))
+CORES="$(nproc)"
+THREADS=$((CORES / ${#GRIDS[@]} > 0 ? CORES / ${#GRIDS[@]} : 1))
+
+WORK="${FA_WORK:-$(mktemp -d -t fa-results.XXXXXX)}"
+mkdir -p "$WORK/logs" "$OUT"
+START=$(date +%s)
+
+copy_back() {
+  # Everything but checkpoints (the model weights: megabytes each, and not needed for the tables).
+  tar -C "$WORK" --exclude=checkpoint.pt -cf - . | tar -C "$OUT" -xf -
+  {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "wall seconds: $(($(date +%s) - START))"
+    echo "host: $(hostname)"
+    echo "cpu cores: $CORES, threads per run: $THREADS"
+    echo "device: $DEVICE"
+    python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)
+for i in range(torch.cuda.device_count()):
+    print("gpu", i, torch.cuda.get_device_name(i))'
+    nvidia-smi -L 2>/dev/null || true
+    echo "extra overrides: $*"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  } >"$OUT/machine.txt"
+}
+trap 'copy_back "$@"' EXIT
+
+echo "results_gpu.sh: ${#GRIDS[@]} sweeps x seeds $SEEDS on $DEVICE, $THREADS threads each, in $WORK"
+PIDS=()
+for grid in "${GRIDS[@]}"; do
+  read -r preset method <<<"$grid"
+  timeout --signal=TERM --kill-after=30 "$TIME_LIMIT" \
+    fa-train -m "experiment=$preset" "method=$method" "seed=$SEEDS" \
+    "trainer.device=$DEVICE" "trainer.threads=$THREADS" \
+    "hydra.sweep.dir=$WORK/$preset/$method" "$@" \
+    >"$WORK/logs/${preset}_$method.log" 2>&1 &
+  PIDS+=($!)
+done
+
+FAILED=0
+for i in "${!GRIDS[@]}"; do
+  rc=0
+  wait "${PIDS[$i]}" || rc=$?
+  elapsed=$(($(date +%s) - START))
+  if [[ $rc -eq 0 ]]; then
+    echo "ok      ${GRIDS[$i]} (${elapsed} s)"
+  else
+    FAILED=1
+    case $rc in 124 | 137) why="stopped after FA_TIME_LIMIT=$TIME_LIMIT s" ;; *) why="exit code $rc" ;; esac
+    echo "FAILED  ${GRIDS[$i]}: $why; last lines of $OUT/logs/${GRIDS[$i]// /_}.log:" >&2
+    tail -n 5 "$WORK/logs/${GRIDS[$i]// /_}.log" | sed 's/^/        /' >&2
+  fi
+done
+
+for preset in report_cnn biotorch_lenet; do
+  if [[ -d "$WORK/$preset" ]]; then
+    fa-report "$WORK/$preset" --format markdown >"$WORK/summary_$preset.md" || FAILED=1
+    fa-report "$WORK/$preset" || true
+  fi
+done
+
+COMPLETED=$(find "$WORK" -name results.json -exec grep -l '"status": "completed"' {} + 2>/dev/null | wc -l)
+echo "results_gpu.sh: $COMPLETED of $EXPECTED runs completed in $(($(date +%s) - START)) s; files in $OUT"
+if [[ $FAILED -ne 0 || $COMPLETED -ne $EXPECTED ]]; then
+  echo "results_gpu.sh: error: not every run completed (see above and $OUT/logs/)" >&2
+  exit 1
+fi
