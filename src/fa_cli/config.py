@@ -192,6 +192,43 @@ class EvalConfig:
     random_start: bool = True  # pgd: start from a uniform random point of the eps-ball (seeded)
 
 
+# --- logger/ --------------------------------------------------------------------------------------
+# Trackers that show a run's records. They are not part of what a run computes, so they stay out of
+# RunConfig (and out of results.json's config, checkpoints and resume checks): see logger_settings.
+
+
+@dataclass
+class CSVLoggerConfig:
+    """The run's own files (metrics.csv, results.json), which every run writes: nothing to set."""
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """Event files in the run folder: nothing to set."""
+
+
+@dataclass
+class MLflowLoggerConfig:
+    tracking_uri: str = MISSING  # sqlite:///path/mlflow.db (no server) or http(s)://host:port
+    experiment: str | None = None  # null: the preset's name, else the sweep folder, else fa-train
+
+
+@dataclass
+class LoggerConfig:
+    """The trackers that are on: ``logger=[csv,tensorboard,mlflow]`` merges one key per option."""
+
+    csv: CSVLoggerConfig | None = None
+    tensorboard: TensorBoardLoggerConfig | None = None
+    mlflow: MLflowLoggerConfig | None = None
+
+
+LOGGERS: dict[str, type] = {
+    "csv": CSVLoggerConfig,
+    "tensorboard": TensorBoardLoggerConfig,
+    "mlflow": MLflowLoggerConfig,
+}
+
+
 @dataclass
 class RunConfig:
     """A validated run: what :func:`validate` returns."""
@@ -229,6 +266,8 @@ def register() -> None:
     for group, kinds in SCHEMAS.items():
         for kind, schema in kinds.items():
             store.store(group=f"schema/{group}", name=kind, node=schema)
+    for name, schema in LOGGERS.items():  # each logger option holds one key, so each has its schema
+        store.store(group="schema/logger", name=name, node=schema)
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -240,7 +279,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     Checks only the config itself (and that torchvision knows a model's name): it loads no data and
     builds nothing, so it answers in milliseconds for every job of a sweep.
     """
-    expected = {*SCHEMAS, "seed"}
+    expected = {*SCHEMAS, "seed", "logger"}
     for key in cfg:
         if key not in expected:
             raise ConfigError(str(key), f"unknown key{_hint(str(key), sorted(expected))}")
@@ -263,6 +302,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_trainer(run.trainer)
     _check_diagnostics(run.diagnostics)
     _check_eval(run.eval)
+    logger_settings(cfg)  # a tracker whose package is missing fails with the config, before any job
     return run
 
 
@@ -375,6 +415,43 @@ def _check_eval(e: EvalConfig) -> None:
             raise ConfigError(f"eval.eps[{i}]", f"must be in [0, 1] (pixel units), got {eps}")
     _positive("eval.steps", e.steps)
     _positive("eval.step_size", e.step_size)
+
+
+def logger_settings(cfg: DictConfig) -> LoggerConfig:
+    """The trackers a composed config turns on, checked: a tracker whose package is not installed is a
+    :class:`ConfigError` that names the extra to install. No ``logger`` (``logger=[]``): the files only."""
+    from fa_cli.logger import missing_package  # here, not at the top: the schema needs no trackers
+
+    node = cfg.get("logger")
+    if node is None:
+        return LoggerConfig(csv=CSVLoggerConfig())
+    if not isinstance(node, DictConfig):
+        raise ConfigError("logger", f"must be conf/logger/ options, e.g. logger=[csv,mlflow], not {node!r}")
+    trackers = {}
+    for name, tracker in node.items():
+        schema = LOGGERS.get(str(name))
+        if schema is None or OmegaConf.get_type(tracker) is not schema:
+            raise ConfigError(f"logger.{name}", f"not a logger; choose from: {', '.join(LOGGERS)}")
+        try:
+            trackers[str(name)] = OmegaConf.to_object(tracker)
+        except OmegaConfBaseException as e:
+            raise ConfigError(str(e.full_key), str(e).strip().splitlines()[0]) from e
+    settings = LoggerConfig(**trackers)
+    if settings.mlflow is not None:
+        if not settings.mlflow.tracking_uri.strip():
+            raise ConfigError("logger.mlflow.tracking_uri", "is empty; e.g. sqlite:///outputs/mlflow.db")
+        if settings.mlflow.experiment is not None and not settings.mlflow.experiment.strip():
+            raise ConfigError("logger.mlflow.experiment", "is empty; null names it from the preset or sweep")
+    for name in ("tensorboard", "mlflow"):
+        tracker = getattr(settings, name)
+        package = tracker is not None and missing_package(name, tracker)
+        if package:
+            raise ConfigError(
+                "logger",
+                f"{name} needs the {package} package, which is not installed: pip install 'fa-cli[{name}]' "
+                f"(in a checkout: pip install -e '.[{name}]')",
+            )
+    return settings
 
 
 def _positive(key: str, value: float) -> None:

@@ -125,12 +125,13 @@ def summarize(results: Iterable[dict[str, Any]]) -> Tables:
 
 
 def _settings(result: dict[str, Any]) -> list[str]:
-    """A run's command-line overrides, less those that name it (method, model, dataset, seed) and
-    Hydra's own: what sets it apart from its siblings in a grid."""
+    """A run's command-line overrides, less those that name it (method, model, dataset, seed), Hydra's
+    own and the trackers' (``logger``, which watch a run without changing it): what sets it apart from
+    its siblings in a grid."""
     settings = []
     for override in result.get("overrides") or []:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key not in IDENTITY and not key.startswith("hydra"):
+        if key not in IDENTITY and not key.startswith(("hydra", "logger")):
             settings.append(override)
     return sorted(settings)
 
