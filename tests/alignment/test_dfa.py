@@ -142,6 +142,33 @@ def test_conv_projection_full_and_per_channel():
     torch.testing.assert_close(hidden["grad"], expected[:, :, None, None].expand(2, 4, 6, 6))
 
 
+@pytest.mark.parametrize("projection", ["full", "channel"])
+def test_projection_bound_is_that_of_a_linear_layer_from_the_input_to_the_output(projection):
+    # U(-1/sqrt(n), 1/sqrt(n)), n = input elements per example: the error's size does not grow with
+    # the layer's size (a 10-class bound sent sqrt(n)-times larger errors and conv nets diverged).
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))  # fmt: skip
+    for scale in (1.0, 0.5):
+        model = convert(net, "dfa", seed=0, dfa_projection=projection, scale=scale)
+        model(torch.randn(2, 1, 12, 12))
+        for layer, n in ((model[2], 8 * 12 * 12), (model[5], 8 * 12 * 12)):
+            bound = scale / n**0.5
+            assert layer.feedback.abs().max() <= bound
+            assert layer.feedback.abs().max() > 0.9 * bound
+            assert abs(layer.feedback.std().item() - bound / 3**0.5) < 0.1 * bound
+
+
+def test_dfa_feedback_of_the_last_hidden_layer_has_the_distribution_of_fa_feedback():
+    # With one hidden layer fa and dfa are one rule; their random matrices must match in law too.
+    net = nn.Sequential(nn.Linear(784, 50), nn.ReLU(), nn.Linear(50, 10))
+    fa, dfa = convert(net, "fa", seed=0), convert(net, "dfa", seed=0)
+    dfa(torch.randn(2, 784))
+    fa_b, dfa_b = fa[2].feedback, dfa[2].feedback  # (10, 50) both: the weight of the output layer
+    assert fa_b.shape == dfa_b.shape
+    assert abs(fa_b.abs().max() - dfa_b.abs().max()) < 0.02 / 50**0.5
+    assert abs(fa_b.std() - dfa_b.std()) < 0.1 / 50**0.5
+
+
 def test_checkpoint_restores_projections_before_the_first_forward():
     model = convert(_mlp(), "dfa", seed=0)
     model(torch.randn(2, 8))

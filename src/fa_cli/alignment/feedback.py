@@ -17,8 +17,14 @@ Scales. A random ``B`` is drawn from the distribution PyTorch initialises the we
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
 error reaching each layer is as large as backprop's would be. The sign-concordant magnitudes follow
 from it: ``|R|`` has the distribution of ``|B|``, and usf's single value has ``B``'s root-mean-square,
-so all of them send errors of the same size. A dfa matrix maps a ``num_classes``-wide error, so its
-bound is ``1/sqrt(num_classes)``. ``scale`` multiplies every bound.
+so all of them send errors of the same size. A dfa matrix ``(num_classes, *in)`` is drawn as the
+transposed weight of a fresh ``nn.Linear`` from the layer's input straight to the output would be,
+``U(-1/sqrt(n), 1/sqrt(n))`` with ``n`` the number of input elements per example: the error then
+reaches every layer with the size backprop gives it through one linear layer, however large the layer
+(a ``num_classes``-based bound makes the signal grow with ``sqrt(n)``: conv layers get errors tens of
+times backprop's). For
+the input of the output layer it is fa's distribution, as it must be: with one hidden layer fa and
+dfa are the same rule. ``scale`` multiplies every bound.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ def weight_bound(weight: Tensor, scale: float) -> float:
     return scale / math.sqrt(fan_in)
 
 
-def direct_bound(num_classes: int, scale: float) -> float:
-    """Bound of the dfa projection's entries: the error it maps is ``num_classes`` wide."""
-    return scale / math.sqrt(num_classes)
+def direct_bound(input_numel: int, scale: float) -> float:
+    """Bound of the dfa projection's entries for a layer whose input has ``input_numel`` elements per
+    example: that of a fresh linear layer from this input to the output."""
+    return scale / math.sqrt(input_numel)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> Tensor:
@@ -70,10 +77,16 @@ def initial_feedback(method: str, weight: Tensor, scale: float, generator: torch
 
 
 def initial_direct_feedback(
-    num_classes: int, shape: tuple[int, ...], scale: float, generator: torch.Generator | None, like: Tensor
+    num_classes: int,
+    shape: tuple[int, ...],
+    input_numel: int,
+    scale: float,
+    generator: torch.Generator | None,
+    like: Tensor,
 ) -> Tensor:
-    """A dfa projection ``(num_classes, *shape)`` from the output error to a layer's input."""
-    bound = direct_bound(num_classes, scale)
+    """A dfa projection ``(num_classes, *shape)`` from the output error to a layer's input of
+    ``input_numel`` elements per example (``shape`` is the input's, or its channels alone)."""
+    bound = direct_bound(input_numel, scale)
     values = _uniform((num_classes, *shape), -bound, bound, generator)
     return values.to(device=like.device, dtype=like.dtype)
 

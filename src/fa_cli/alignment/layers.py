@@ -118,7 +118,7 @@ class AlignmentLayer:
         wanted = (current.state.num_classes, *(shape[:1] if channel else shape))
         if self.feedback is None:
             self.feedback = fb.initial_direct_feedback(
-                wanted[0], wanted[1:], self.scale, self._generator(), like=self.weight
+                wanted[0], wanted[1:], shape.numel(), self.scale, self._generator(), like=self.weight
             )
         elif tuple(self.feedback.shape) != wanted:
             raise RuntimeError(
