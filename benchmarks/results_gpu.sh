@@ -63,6 +63,7 @@ copy_back() {
   # Everything but checkpoints (the model weights: megabytes each, and not needed for the tables).
   tar -C "$WORK" --exclude=checkpoint.pt -cf - . | tar -C "$OUT" -xf -
   {
+    echo "made by: benchmarks/results_gpu.sh, ${#GRIDS[@]} fa-train -m (one per preset and method) at once"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "wall seconds: $(($(date +%s) - START))"
     echo "host: $(hostname)"
