@@ -14,11 +14,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,13 +41,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import fa_cli
-from fa_cli import data, engine, models
+from fa_cli import data, distributed, engine, launcher, models
 from fa_cli.alignment import convert
-from fa_cli.config import Abort, ConfigError, DFAConfig, RunConfig, describe, validate
+from fa_cli.config import Abort, ConfigError, DFAConfig, RunConfig, check_sweep_job, describe, validate
 from fa_cli.diagnostics import FIELDS as ALIGNMENT_FIELDS
 from fa_cli.diagnostics import Diagnostics
 from fa_cli.eval import attack_accuracies
-from fa_cli.files import save_checkpoint, write_csv, write_json
+from fa_cli.files import CheckpointError, load_checkpoint, save_checkpoint, write_csv, write_json
+from fa_cli.logger import Trackers, Tracking
 from fa_cli.optim import build_optimizer, build_scheduler
 from fa_cli.plots import plot_run
 
@@ -55,6 +59,16 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}
 IDENTITY = ("method", "model", "dataset")  # with the seed, what names a run in results and tables
 METRICS = [f.name for f in dataclasses.fields(engine.EpochRecord)]
+FINISHED = ("completed", "diverged")  # outcomes that the same config on the same data would repeat
+# Keys that may differ between a run and the one it resumes or skips: where and how fast it runs, and
+# how it was started, but not what it computes.
+SAME_RUN_ANYWAY = (
+    "dataset.root",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.resume",
+    "trainer.skip_completed",
+)
 
 
 def main() -> None:
@@ -64,16 +78,41 @@ def main() -> None:
     # With this set, Hydra re-raises errors instead of printing its multi-line report; we report below.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops a run as Ctrl-C does
-    try:
-        hydra_main()
-    except (Abort, HydraException, OmegaConfBaseException) as error:
-        if full_error:
-            raise
-        print(f"fa-train: error: {describe(error)}", file=sys.stderr)
+    if distributed.launched_by_torchrun() and {"-m", "--multirun"} & set(sys.argv[1:]):
+        print(
+            "fa-train: error: torchrun trains one run on several processes: drop -m (for a grid, use "
+            "hydra/launcher=joblib or slurm, or one torchrun per run)",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("fa-train: interrupted", file=sys.stderr)
-        sys.exit(EXIT_CODES["interrupted"])
+    with distributed.process_group() as world, _files_of_rank(world):
+        try:
+            hydra_main()
+        except (Abort, HydraException, OmegaConfBaseException) as error:
+            if full_error:
+                raise
+            print(f"fa-train: error: {describe(error)}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("fa-train: interrupted", file=sys.stderr)
+            sys.exit(EXIT_CODES["interrupted"])
+
+
+@contextlib.contextmanager
+def _files_of_rank(world: distributed.World) -> Iterator[None]:
+    """Under torchrun only rank 0 writes the run's folder. The other ranks, which compose the same
+    config, have Hydra put its files (config, log) in a temporary folder deleted at exit, and print
+    only warnings."""
+    if world.main:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix=f"fa-train-rank{world.rank}-")
+    sys.argv += [f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
+    sys.argv += ["hydra.job_logging.root.level=WARNING"]
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -104,10 +143,15 @@ def hydra_main(cfg: DictConfig) -> None:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     try:
-        results = train(validate(cfg), run_dir, overrides)
+        run_cfg = validate(cfg)
+        # Unless set, as many threads as the cores leave for each of the jobs running at once.
+        run_cfg.trainer.threads = launcher.job_threads(run_cfg.trainer.threads, hydra_cfg.launcher)
+        if sweep:
+            check_sweep_job(run_cfg)
+        results = train(run_cfg, run_dir, overrides, tracking=Tracking.of(cfg, hydra_cfg))
     except Exception as error:
         _record_failure(run_dir, cfg, overrides, error)
-        if not sweep:
+        if not sweep or isinstance(error, FolderTaken):
             if isinstance(error, ConfigError | data.DataError):
                 raise Abort(error) from error
             raise
@@ -118,18 +162,42 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(EXIT_CODES[results["status"]])
 
 
-def train(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None, tracking: Tracking | None = None
+) -> dict[str, Any]:
     """Train one validated config, writing ``metrics.csv``, ``checkpoint.pt`` and ``results.json`` into
-    ``run_dir``; returns the results. An interrupt at any point after the run starts is recorded."""
-    run = Run(cfg, run_dir, overrides or [])
+    ``run_dir``; returns the results. An interrupt or error at any point after the run starts is
+    recorded. With ``trainer.resume`` the run continues from that checkpoint; with
+    ``trainer.skip_completed`` a finished run already in ``run_dir`` is returned as it is, and an
+    unfinished one continues from its checkpoint. ``tracking`` says which trackers (TensorBoard,
+    MLflow) see the run besides its files."""
+    resume = Path(cfg.trainer.resume) if cfg.trainer.resume is not None else None
+    if cfg.trainer.skip_completed and distributed.World.current().active:
+        # The other ranks cannot see rank 0's folder to skip with it; resuming works (all read it).
+        raise ConfigError("trainer.skip_completed", "not under torchrun; use trainer.resume=RUN_DIR")
+    if cfg.trainer.skip_completed:
+        previous = _previous_run(cfg, run_dir)
+        if previous is not None and previous["status"] in FINISHED:
+            log.info(f"skipped: {run_dir} already holds this run, {previous['status']}")
+            return previous
+        if previous is not None and resume is None and (run_dir / "checkpoint.pt").is_file():
+            resume = run_dir
+    run = Run(cfg, run_dir, overrides or [], resume=resume, tracking=tracking)
     try:
         status = run.fit()
     except KeyboardInterrupt:
         run.finish("interrupted")
-        log.warning(f"interrupted after {len(run.history)} epochs; files in {run_dir}")
+        log.warning(
+            f"interrupted after {len(run.history)} epochs; files in {run_dir}. Continue with the same "
+            f"command and trainer.resume={run_dir}"
+        )
+        raise
+    except Exception as error:
+        run.finish("failed", error=describe(error))
         raise
     results = run.finish(status)
-    console.print(_results_table(results, run_dir))
+    if run.world.main:
+        console.print(_results_table(results, run_dir))
     return results
 
 
@@ -137,9 +205,25 @@ class Run:
     """One run and its files: builds the model (before any data loads, so that a model that cannot take
     the dataset's images fails in seconds), trains, tests, and keeps ``results`` up to date."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, overrides: list[str]) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        overrides: list[str],
+        resume: Path | None = None,
+        tracking: Tracking | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.started = cfg, run_dir, time.time()
-        self.device = pick_device(cfg.trainer.device)
+        self.world = distributed.World.current()  # one process, or the ranks of a torchrun
+        self.device = self.world.device(pick_device(cfg.trainer.device))
+        if self.world.active and cfg.trainer.batch_size < self.world.min_batch():
+            raise ConfigError(
+                "trainer.batch_size",
+                f"{cfg.trainer.batch_size} is the global batch, split over {self.world.size} processes: "
+                f"at least {self.world.min_batch()} gives each process two examples",
+            )
+        # Read and checked now, before any data loads: a wrong path or another config fails in seconds.
+        self.checkpoint = read_checkpoint(resume, cfg) if resume is not None else None
         seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
@@ -160,6 +244,13 @@ class Run:
         # None when off: the training loop then runs exactly as it would without diagnostics
         every = cfg.diagnostics.every
         self.diagnostics = Diagnostics(self.model, every) if every else None
+        if self.checkpoint is not None:
+            self.history = [engine.EpochRecord(**record) for record in self.checkpoint["history"]]
+            score = self.checkpoint["best_score"]
+            self.selected = Selection(
+                self.checkpoint["best_epoch"], tuple(score) if score else None, self.checkpoint["best_model"]
+            )
+            self.started -= self.checkpoint["wall_seconds"]  # time spent training, not waiting to resume
         self.results: dict[str, Any] = {
             "method": cfg.method.name,
             "model": cfg.model.name,
@@ -176,6 +267,7 @@ class Run:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": _device_name(self.device),
             "threads": torch.get_num_threads(),
+            "processes": self.world.size,  # torchrun's ranks, each on its share of every batch
             "torch": torch.__version__,
             "fa_cli": fa_cli.__version__,
             "host": platform.node(),
@@ -185,15 +277,30 @@ class Run:
             "alignment": None,  # with diagnostics: the last measured angles, per metric and layer
             "robustness": None,  # with eval.attack: test accuracy under attack at each epsilon
         }
-        write_json(run_dir / "results.json", self.results)
-        write_csv(run_dir / "metrics.csv", [], METRICS)  # the header now: the file exists from the start
-        if self.diagnostics is not None:
-            write_csv(run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
+        if self.checkpoint is not None:
+            self.results["resumed_from"] = {"checkpoint": str(resume), "epoch": self.checkpoint["epoch"]}
+            if self.diagnostics is not None:
+                folder = resume if resume.is_dir() else resume.parent
+                self.diagnostics.resume(folder / "alignment.csv", self.checkpoint["epoch"])
+        self.trackers = Trackers({})
+        if tracking is not None and self.world.main:  # one tracker run per run, not one per rank
+            tags = {"overrides": " ".join(overrides)}
+            self.trackers = tracking.start(run_dir, self.results["config"], tags)
+            self.results["trackers"] = self.trackers.info()
+            self.trackers.replay(self.history, self.diagnostics.rows if self.diagnostics else [])
+        if self.world.main:  # under torchrun, rank 0 alone writes the run's files
+            run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
+            write_json(run_dir / "results.json", self.results)
+            # The file exists from the start: the header, and a resumed run's earlier epochs.
+            write_csv(run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
+            if self.diagnostics is not None:
+                write_csv(run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
 
     def fit(self) -> str:
         """Load the data, train, and test the selected epoch's model. Returns the status."""
         cfg, model, results = self.cfg, self.model, self.results
-        splits = data.load(cfg.dataset, self.device, cfg.seed)
+        with self.world.main_first():  # under torchrun, rank 0 alone downloads missing files
+            splits = data.load(cfg.dataset, self.device, cfg.seed)
         results.update(
             train_examples=len(splits.train),
             val_examples=len(splits.val) if splits.val else 0,
@@ -203,15 +310,23 @@ class Run:
         optimizer = build_optimizer(cfg.optim, model)
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.trainer.epochs)
         batch_order = torch.Generator().manual_seed(cfg.seed)
+        first_epoch = 1
+        if self.checkpoint is not None:
+            self.restore(optimizer, scheduler, batch_order)
+            first_epoch = self.checkpoint["epoch"] + 1
+            if self.history and self.patience_ran_out(self.history[-1]):
+                first_epoch = cfg.trainer.epochs + 1  # it had stopped early: nothing left to train
+            log.info(f"resuming after epoch {self.checkpoint['epoch']} from {self.results['resumed_from']}")
         log.info(
             f"{cfg.method.name} on {cfg.model.name} ({results['parameters']:,} parameters), "
             f"{cfg.dataset.name}: {len(splits.train):,} train / {results['val_examples']:,} val / "
             f"{len(splits.test):,} test, {results['device']}, seed {cfg.seed} -> {self.run_dir}"
         )
+        trained = distributed.wrap(model, optimizer, self.world)  # model itself outside torchrun
         try:
             with ProgressBar(cfg.trainer.epochs) as on_step:
                 for record in engine.fit(
-                    model,
+                    trained,
                     optimizer,
                     scheduler,
                     splits,
@@ -219,20 +334,25 @@ class Run:
                     batch_size=cfg.trainer.batch_size,
                     eval_batch_size=cfg.trainer.eval_batch_size,
                     generator=batch_order,
-                    progress=on_step,
+                    first_epoch=first_epoch,
+                    progress=on_step if self.world.main else None,
+                    max_loss=cfg.trainer.max_loss,
                     label_smoothing=cfg.trainer.label_smoothing,
                     random_shift=cfg.dataset.random_shift,
                     on_batch=self.diagnostics,
+                    world=self.world,
                 ):
                     self.end_epoch(record, optimizer, scheduler, batch_order)
                     if self.patience_ran_out(record):
                         break
         except engine.Diverged as e:
-            results["diverged_at"] = {"epoch": e.epoch, "step": e.step}
+            # NaN and inf are not JSON: those losses are written as words.
+            loss = e.loss if math.isfinite(e.loss) else str(e.loss)
+            results["diverged_at"] = {"epoch": e.epoch, "step": e.step, "loss": loss}
             log.warning(f"diverged: {e}")
             return "diverged"
         model.load_state_dict(self.selected.state)
-        test = engine.evaluate(model, splits.test, cfg.trainer.eval_batch_size)
+        test = engine.evaluate(model, splits.test, cfg.trainer.eval_batch_size, self.world)
         results["test_loss"], results["test_accuracy"] = test
         if cfg.eval.attack != "none":
             self.attack(splits)
@@ -259,28 +379,57 @@ class Run:
         run needs: all or nothing, so that the files always agree on how many epochs are done."""
         with interrupts_deferred():
             self.history.append(record)
-            write_csv(self.run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
             if self.diagnostics is not None:
-                write_csv(self.run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
                 self.results["alignment"] = self.diagnostics.final()
             self.selected.offer(record, self.model)
-            save_checkpoint(
-                self.run_dir / "checkpoint.pt",
-                {
-                    "epoch": record.epoch,
-                    "model": self.model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "best_model": self.selected.state,
-                    "best_epoch": self.selected.epoch,
-                    "rng": _rng_state(batch_order),
-                    "config": dataclasses.asdict(self.cfg),
-                },
-            )
+            if self.world.main:  # under torchrun, rank 0 alone writes; the other ranks hold the same state
+                write_csv(self.run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
+                if self.diagnostics is not None:
+                    write_csv(self.run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
+                save_checkpoint(
+                    self.run_dir / "checkpoint.pt",
+                    {
+                        "epoch": record.epoch,
+                        "model": self.model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "best_model": self.selected.state,
+                        "best_epoch": self.selected.epoch,
+                        "best_score": list(self.selected.score) if self.selected.score else None,
+                        "history": [dataclasses.asdict(r) for r in self.history],
+                        "wall_seconds": time.time() - self.started,
+                        "rng": _rng_state(batch_order),
+                        "config": dataclasses.asdict(self.cfg),
+                    },
+                )
+        # After the files, outside the deferred block: trackers are views of the files, and a slow
+        # tracking server must not hold up an interrupt.
+        if self.diagnostics is not None:
+            self.trackers.log_alignment(r for r in self.diagnostics.rows if r["epoch"] == record.epoch)
+        self.trackers.log_epoch(record)
         line = _epoch_line(record, self.cfg.trainer.epochs)
         if self.diagnostics is not None:
             line = f"{line}  {self.diagnostics.epoch_summary(record.epoch)}"
         log.info(line)
+
+    def restore(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        batch_order: torch.Generator,
+    ) -> None:
+        """Put the model (with its feedback), optimizer, schedule and every random stream back as the
+        checkpoint's epoch left them, so the run goes on as if it had never stopped."""
+        assert self.checkpoint is not None
+        self.model.load_state_dict(self.checkpoint["model"])
+        optimizer.load_state_dict(self.checkpoint["optimizer"])
+        scheduler.load_state_dict(self.checkpoint["scheduler"])
+        rng = self.checkpoint["rng"]
+        batch_order.set_state(rng["batch_order"])
+        torch.set_rng_state(rng["torch"])  # brsf's magnitudes and any dropout draw from it
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def patience_ran_out(self, record: engine.EpochRecord) -> bool:
         patience = self.cfg.trainer.patience
@@ -289,17 +438,20 @@ class Run:
         log.info(f"early stop: validation accuracy has not improved for {patience} epochs")
         return True
 
-    def finish(self, status: str) -> dict[str, Any]:
-        """Record the final status and progress in results.json."""
+    def finish(self, status: str, **details: Any) -> dict[str, Any]:
+        """Record the final status and progress (and ``details``, e.g. the error) in results.json."""
         self.results.update(
+            details,
             status=status,
             **self.selected.summary(),
             epochs_completed=len(self.history),
             wall_seconds=round(time.time() - self.started, 2),
             finished_at=_now(),
         )
-        write_json(self.run_dir / "results.json", self.results)
-        self.plot()
+        if self.world.main:
+            write_json(self.run_dir / "results.json", self.results)
+            self.plot()
+        self.trackers.finish(self.results)  # after the plots: they go to MLflow as artifacts
         return self.results
 
     def plot(self) -> None:
@@ -359,21 +511,100 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], error: BaseException) -> None:
-    """Mark the run failed in results.json, keeping what train() wrote, or naming the run from the raw
-    config when it failed before (a config error)."""
+    """A results.json that says the run failed (naming it from the raw config) for a run that failed
+    before it started, e.g. on a config error. A results.json already there is left as it is: either
+    the run itself recorded the failure, or it belongs to an earlier run in this folder."""
     path = run_dir / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {key: OmegaConf.select(cfg, f"{key}.name", default=None) for key in IDENTITY}
-        results.update(seed=OmegaConf.select(cfg, "seed", default=None), overrides=overrides)
+    if path.exists():
+        return
+    results = {key: OmegaConf.select(cfg, f"{key}.name", default=None) for key in IDENTITY}
+    results.update(seed=OmegaConf.select(cfg, "seed", default=None), overrides=overrides)
     results.update(status="failed", error=describe(error), finished_at=_now())
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, results)
 
 
+class FolderTaken(ConfigError):
+    """``trainer.skip_completed`` found another config's run in the run folder: not overwritten."""
+
+
+def read_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint that ``trainer.resume`` names (a run folder or its ``checkpoint.pt``), loaded with
+    ``weights_only=True`` and checked to be of this run's config. Raises :class:`ConfigError`."""
+    file = path / "checkpoint.pt" if path.is_dir() else path
+    if not file.is_file():
+        why = "no checkpoint.pt in that folder (the run stopped before its first epoch ended?)"
+        raise ConfigError("trainer.resume", f"{path}: {why if path.is_dir() else 'no such file'}")
+    try:
+        checkpoint = load_checkpoint(file)
+    except CheckpointError as e:
+        raise ConfigError("trainer.resume", str(e)) from e
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise ConfigError("trainer.resume", f"{file} lacks {', '.join(missing)}: not an fa-train checkpoint")
+    differences = _differences(checkpoint["config"], dataclasses.asdict(cfg))
+    if differences:
+        hint = ""
+        try:  # the run's own overrides, when its results.json is beside the checkpoint
+            overrides = json.loads((file.parent / "results.json").read_text())["overrides"]
+            command = [o for o in overrides if not o.startswith("trainer.resume=")]
+            command.append(f"trainer.resume={path}")
+            hint = f"; resume it with its own overrides: fa-train {' '.join(command)}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        raise ConfigError("trainer.resume", f"{file} was trained with another config: {differences}{hint}")
+    return checkpoint
+
+
+#: What :meth:`Run.restore` needs from a checkpoint.
+RESUME_KEYS = (
+    "epoch", "model", "optimizer", "scheduler", "best_model", "best_epoch", "best_score", "history",
+    "wall_seconds", "rng", "config",
+)  # fmt: skip
+
+
+def _previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The results.json of this config already in ``run_dir``, or None when there is none (or it is
+    unreadable: a run killed before its first write). Raises :class:`FolderTaken` when the folder
+    holds another config's run, which skipping or resuming would overwrite."""
+    try:
+        previous = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    differences = _differences(previous.get("config") or {}, dataclasses.asdict(cfg))
+    if differences:
+        raise FolderTaken(
+            "trainer.skip_completed",
+            f"{run_dir} holds a run of another config ({differences}); not overwriting it: relaunch into "
+            "a new folder (hydra.sweep.dir=, hydra.run.dir=), or without trainer.skip_completed",
+        )
+    return previous
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """The keys whose values differ, as ``key: before -> now``, ignoring ``SAME_RUN_ANYWAY``; empty
+    when the two configs describe the same run. JSON round trips make tuples and lists alike."""
+    old, new = _flatten(json.loads(json.dumps(before))), _flatten(json.loads(json.dumps(now)))
+    keys = sorted(k for k in old.keys() | new.keys() if k not in SAME_RUN_ANYWAY and old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _rng_state(batch_order: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "batch_order": batch_order.get_state()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "batch_order": batch_order.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -456,4 +687,8 @@ def _results_table(results: dict[str, Any], run_dir: Path) -> Table:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m fa_cli.train` (as torchrun starts it): run the function of the module fa_cli.train, not
+    # of this __main__ copy, so that launchers that pickle the task (joblib, submitit) find it by name.
+    from fa_cli.train import main as _main
+
+    _main()

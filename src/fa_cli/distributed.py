@@ -1,0 +1,171 @@
+"""One run on several processes: ``torchrun --nproc_per_node=N -m fa_cli.train ...``.
+
+Every rank builds the same model from the same seed, so its weights and feedback matrices are
+identical from the start, and draws the same batch order. Each global batch of ``trainer.batch_size``
+examples is split into contiguous shards, one per rank; DistributedDataParallel averages the weight
+gradients, and the loss of a shard is weighted by its size, so that one step is the step a single
+process takes on the whole batch (to floating-point rounding). Metrics are summed over the ranks, so
+every rank sees the same validation accuracy and takes the same decisions (selection, early stop).
+
+What DDP does not know about the learning rules is done here:
+
+- feedback matrices are buffers, and DDP broadcasts rank 0's buffers before every forward. They are
+  excluded: they are equal by construction, dfa creates them at the first forward (so the set of
+  buffers would change under DDP's feet) and a broadcast would only cost bandwidth;
+- Kolen-Pollack's ``B`` gets its gradient inside backward, outside DDP's reducer: it is averaged over
+  the ranks before every optimizer step, as ``W``'s is, so that ``B`` follows ``W``'s averaged update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fa_cli.alignment import AlignmentLayer, feedback_parameters
+from fa_cli.config import ConfigError
+
+#: What torchrun (and ``srun`` with these set) tells each process.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun): readable before any process group."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes training one run together. ``World()`` is a single process, no process group."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # the rank among this machine's processes: its GPU
+    active: bool = False  # a process group is up: DDP, sharded batches, summed metrics
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files and prints (rank 0)."""
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> World:
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank()
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+            return cls(rank=rank, size=dist.get_world_size(), local_rank=local_rank, active=True)
+        return cls()
+
+    def device(self, device: torch.device) -> torch.device:
+        """The device of this rank: under torchrun, ``cuda`` means this rank's GPU (``LOCAL_RANK``)."""
+        if not self.active or device.type != "cuda":
+            return device
+        if device.index is not None and self.size > 1:
+            raise ConfigError(
+                "trainer.device",
+                f"{device} under torchrun with {self.size} processes: use cuda (or auto), and each process "
+                "takes the GPU of its LOCAL_RANK",
+            )
+        return device if device.index is not None else torch.device("cuda", self.local_rank)
+
+    def shard(self, index: Tensor) -> Tensor:
+        """This rank's contiguous part of a global batch (parts differ in size by at most one)."""
+        return index if self.size == 1 else index.tensor_split(self.size)[self.rank]
+
+    def span(self, length: int) -> tuple[int, int]:
+        """This rank's contiguous part ``[start, end)`` of ``length`` examples (for evaluation)."""
+        return length * self.rank // self.size, length * (self.rank + 1) // self.size
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks, in place; unchanged in a single process."""
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def min_batch(self) -> int:
+        """The smallest global batch that is trained: every rank gets at least two examples (BatchNorm
+        cannot train on one, and an empty shard has no mean loss)."""
+        return 2 * self.size
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. downloads a dataset), the others once it has finished."""
+        if self.active and not self.main:
+            dist.barrier()
+        yield
+        if self.active and self.main:
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[World]:
+    """The world of this process: under torchrun, a process group joined for the block (gloo for CPU
+    tensors, NCCL for CUDA ones) and left after it; else the single process. A group that is already
+    up (set up by the caller) is used and left up."""
+    if dist.is_initialized() or not launched_by_torchrun():
+        yield World.current()
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield World.current()
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
+    """``model`` in DistributedDataParallel, when there is a process group; else ``model`` itself.
+
+    BatchNorm becomes SyncBatchNorm on CUDA (statistics over the global batch, as one process would
+    compute them; it has no CPU kernel, so CPU runs keep per-rank statistics and rank 0's running
+    averages, which DDP broadcasts). ``optimizer`` must already hold ``model``'s parameters.
+    """
+    if not world.active:
+        return model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    feedback = [f"{name}.feedback" for name, m in model.named_modules() if isinstance(m, AlignmentLayer)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, feedback)
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if trained_feedback := feedback_parameters(model):
+        optimizer.register_step_pre_hook(_FeedbackGradMean(trained_feedback, world.size))
+    return trained
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (for evaluation and state dicts); ``model`` if not wrapped."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class _FeedbackGradMean:
+    """Optimizer step pre-hook: Kolen-Pollack's ``B.grad`` averaged over the ranks, in one all-reduce."""
+
+    def __init__(self, feedback: list[Tensor], size: int) -> None:
+        self.feedback, self.size = feedback, size
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        grads = [b.grad for b in self.feedback if b.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.size
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(mean.view_as(grad))
