@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import open_dict
 
 from fa_cli import report
 from fa_cli.config import (
@@ -23,7 +24,7 @@ from fa_cli.config import (
     validate,
 )
 from fa_cli.engine import EpochRecord
-from fa_cli.logger import DEFAULT_EXPERIMENT, PACKAGES, RunInfo, Trackers, experiment_name
+from fa_cli.logger import DEFAULT_EXPERIMENT, PACKAGES, RunInfo, Trackers, Tracking, experiment_name
 from runs import SMOKE
 
 TAGS = {  # metrics.csv's columns and their TensorBoard tags, as the README lists them
@@ -106,6 +107,18 @@ def test_a_missing_package_is_a_config_error_naming_the_extra(hydra_conf, monkey
         settings(f"logger=[csv,{name}]")
     message = str(error.value)
     assert error.value.key == "logger" and f"pip install 'fa-cli[{name}]'" in message and "\n" not in message
+
+
+def test_a_preset_names_the_experiment_and_the_config_text_is_resolved(hydra_conf, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = ["experiment=smoke", "logger=mlflow"]
+    cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    hydra_cfg = cfg.hydra
+    with open_dict(cfg):  # the job's config, as @hydra.main passes it
+        del cfg["hydra"]
+    tracking = Tracking.of(cfg, hydra_cfg)
+    assert tracking.experiment == "smoke" and tracking.settings.mlflow is not None
+    assert "tracking_uri: sqlite:///outputs/mlflow.db" in tracking.config_text  # ${oc.env:...} resolved
 
 
 def test_experiment_names_come_from_the_setting_the_preset_or_the_sweep():
@@ -211,6 +224,7 @@ def test_a_sweep_logged_to_sqlite_reads_back_through_the_mlflow_client(fa_train,
         "method=bp,dfa",
         "logger=[csv,mlflow]",
         f"logger.mlflow.tracking_uri=sqlite:///{database}",
+        env={"MLFLOW_DISABLE_TELEMETRY": "true"},  # MLflow's own usage reports: no network in tests
     )
     assert proc.returncode == 0, proc.stderr
     sweep_dir = tmp_path / "sweep"
