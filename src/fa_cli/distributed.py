@@ -119,7 +119,9 @@ def process_group() -> Iterator[World]:
         yield World.current()
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank < torch.cuda.device_count():  # more processes than GPUs is fine for CPU runs
+            torch.cuda.set_device(local_rank)  # NCCL's communicator goes to this rank's GPU
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
