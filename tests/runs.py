@@ -16,6 +16,7 @@ SMOKE = [
     "trainer.epochs=2",
     "trainer.batch_size=32",
     "trainer.threads=1",
+    "diagnostics.plots=false",  # a second of drawing per run; tests/test_plots.py turns it back on
 ]
 MNIST_RAW = [
     "train-images-idx3-ubyte",

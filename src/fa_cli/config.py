@@ -178,6 +178,7 @@ class TrainerConfig:
 @dataclass
 class DiagnosticsConfig:
     every: int = 0  # measure alignment angles every N training steps (0: off, costing nothing)
+    plots: bool = True  # draw the run's curves.png (and alignment.png) when it ends
 
 
 # --- eval/ ----------------------------------------------------------------------------------------

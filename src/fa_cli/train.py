@@ -457,6 +457,8 @@ class Run:
     def plot(self) -> None:
         """``curves.png`` and ``alignment.png`` in the run folder, from the files just written. A figure
         that cannot be drawn costs a warning, never the run's results."""
+        if not self.cfg.diagnostics.plots:
+            return
         try:
             plot_run(self.run_dir)
         except Exception as error:

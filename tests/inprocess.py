@@ -1,0 +1,32 @@
+"""Runs trained in the test process: configs composed with Hydra's compose API, then ``train.train``
+(imported by the diagnostics' and attacks' tests; seconds each, on generated data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_module
+
+from fa_cli import train
+from fa_cli.config import RunConfig, validate
+
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=400",
+    "dataset.test_size=200",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "trainer.threads=1",
+    "diagnostics.plots=false",
+]
+
+
+def config(*overrides: str) -> RunConfig:
+    with initialize_config_module(config_module="fa_cli.conf", version_base=None):
+        return validate(compose(config_name="train", overrides=[*TINY, *overrides]))
+
+
+def run(run_dir: Path, *overrides: str) -> dict[str, Any]:
+    """Train ``TINY`` plus ``overrides`` into ``run_dir``; returns results.json's contents."""
+    return train.train(config(*overrides), run_dir, list(overrides))
