@@ -22,7 +22,7 @@ from fa_cli.config import (
     validate,
 )
 
-GROUPS = ("dataset", "model", "method", "optim", "trainer", "experiment")
+GROUPS = ("dataset", "model", "method", "optim", "trainer", "diagnostics", "eval", "experiment")
 
 
 def options(group: str) -> list[str]:
@@ -46,6 +46,7 @@ def test_groups_have_the_options_the_cli_documents():
     assert options("method") == sorted(["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "shallow"])
     assert options("optim") == ["adam", "adamw", "sgd"]
     assert "default" in options("trainer")
+    assert options("diagnostics") == ["default"] and options("eval") == ["default"]
     assert options("experiment"), "at least one preset"
 
 
