@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The GPU half of docs/RESULTS.md: the report's CNN grid (bp, fa, dfa x seeds 0-2, experiment=report_cnn)
-# and BioTorch's LeNet grid (bp, fa, usf, brsf, frsf, dfa x seeds 0-2, experiment=biotorch_lenet) on one
-# GPU. One `fa-train -m` per (preset, method) runs in the background, all at once: a run of these small
-# models keeps one CPU core busy launching kernels and leaves the GPU mostly idle, so 9 of them share it.
+# The GPU half of docs/RESULTS.md: the report's CNN grid (bp, fa, dfa x seeds 0-2, experiment=report_cnn),
+# BioTorch's LeNet grid (bp, fa, usf, brsf, frsf, dfa x seeds 0-2, experiment=biotorch_lenet) and the
+# report's ANN grid (bp, fa, dfa x seeds 0-2, experiment=report_ann) on one GPU. One `fa-train -m` per
+# (preset, method) runs in the background, all at once: a run of these small models keeps one CPU core
+# busy launching kernels and leaves the GPU mostly idle, so 12 of them share it.
 #
 #   FA_DATA_DIR=/data OUT=/tmp/results benchmarks/results_gpu.sh            # the real thing (cuda)
 #   FA_DATA_DIR=/data OUT=/tmp/tiny FA_DEVICE=cpu benchmarks/results_gpu.sh trainer.epochs=1 dataset.subset=512
 #
 # Arguments are extra overrides for every run. Environment:
 #   FA_DATA_DIR      folder holding MNIST/raw/ (required; checked before anything starts)
+#   FA_PRESETS       which grids (default: report_cnn biotorch_lenet report_ann)
 #   OUT              where results come back (required): one folder per sweep with each run's results.json,
 #                    metrics.csv, train.log and .hydra/ (no checkpoints), the sweeps' summaries, the logs,
 #                    summary_<preset>.md (fa-report's tables) and machine.txt
 #   FA_DEVICE        trainer.device for every run (default cuda: no GPU is an error, never a silent CPU run)
 #   FA_TIME_LIMIT    seconds each fa-train may take before it is stopped (default 420)
 #   FA_WORK          where runs write while training (default: a fresh temporary folder)
-# Exit code 0 only when all 27 runs completed; otherwise 1, after copying back whatever there is.
+# Exit code 0 only when every run completed (36 by default); otherwise 1, after copying back what there is.
 set -euo pipefail
 
 die() { echo "results_gpu.sh: error: $*" >&2; exit 2; }
@@ -45,11 +47,16 @@ if [[ "$DEVICE" == cuda* ]]; then
     || die "FA_DEVICE=$DEVICE but torch sees no GPU (torch $(python -c 'import torch; print(torch.__version__)'))"
 fi
 
-GRIDS=(
-  "report_cnn bp" "report_cnn fa" "report_cnn dfa"
-  "biotorch_lenet bp" "biotorch_lenet fa" "biotorch_lenet usf"
-  "biotorch_lenet brsf" "biotorch_lenet frsf" "biotorch_lenet dfa"
-)
+PRESETS="${FA_PRESETS:-report_cnn biotorch_lenet report_ann}"
+GRIDS=()
+for preset in $PRESETS; do
+  case $preset in
+    report_ann | report_cnn) methods="bp fa dfa" ;;
+    biotorch_lenet) methods="bp fa usf brsf frsf dfa" ;;  # BioTorch's benchmark's rules
+    *) die "FA_PRESETS: unknown preset $preset (report_ann, report_cnn, biotorch_lenet)" ;;
+  esac
+  for method in $methods; do GRIDS+=("$preset $method"); done
+done
 SEEDS="0,1,2"
 EXPECTED=$((${#GRIDS[@]} * 3))
 CORES="$(nproc)"
@@ -106,7 +113,7 @@ for i in "${!GRIDS[@]}"; do
   fi
 done
 
-for preset in report_cnn biotorch_lenet; do
+for preset in $PRESETS; do
   if [[ -d "$WORK/$preset" ]]; then
     fa-report "$WORK/$preset" --format markdown >"$WORK/summary_$preset.md" || FAILED=1
     fa-report "$WORK/$preset" || true
