@@ -170,6 +170,9 @@ class TrainerConfig:
     deterministic: bool = True  # deterministic kernels on CUDA (same seed, same results)
     threads: int | None = None  # torch.set_num_threads (null: torch's default)
     label_smoothing: float = 0.0  # training loss only; validation and test losses stay plain cross-entropy
+    max_loss: float | None = None  # a batch's training loss above this is divergence (null: NaN/inf only)
+    resume: str | None = None  # a run folder (or its checkpoint.pt) to continue from its last epoch
+    skip_completed: bool = False  # keep a run folder's finished result of this config; resume interrupted
 
 
 # --- diagnostics/ ---------------------------------------------------------------------------------
@@ -397,9 +400,29 @@ def _check_trainer(t: TrainerConfig) -> None:
         _positive("trainer.threads", t.threads)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError("trainer.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    if t.max_loss is not None:
+        _positive("trainer.max_loss", t.max_loss)
     device = t.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError("trainer.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+    _check_cuda(device)
+
+
+def _check_cuda(device: str) -> None:
+    """A CUDA device that this machine has: checked with the config, so that a grid fails before its
+    first job rather than in each."""
+    import torch  # here, not at the top: the schema itself does not need torch
+
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+        raise ConfigError(
+            "trainer.device", f"{device} but CUDA is not available ({built}); use trainer.device=cpu or auto"
+        )
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError("trainer.device", f"{device} but there are {torch.cuda.device_count()} GPUs")
 
 
 def _check_diagnostics(d: DiagnosticsConfig) -> None:
@@ -514,6 +537,16 @@ class ValidateSweep(Callback):
             return  # e.g. glob() sweeps need Hydra's config loader to expand: each job validates itself
         for job in jobs:
             try:
-                validate(compose(config_name=config_name, overrides=list(job)))
+                check_sweep_job(validate(compose(config_name=config_name, overrides=list(job))))
             except (ConfigError, HydraException, OmegaConfBaseException) as e:
                 raise Abort(e, context=f"job {' '.join(job)}") from e
+
+
+def check_sweep_job(run: RunConfig) -> None:
+    """What a job of a grid cannot ask for: one run's checkpoint cannot continue every job."""
+    if run.trainer.resume is not None:
+        raise ConfigError(
+            "trainer.resume",
+            "continues one run, not a grid: relaunch the grid with hydra.sweep.dir=<its folder> "
+            "trainer.skip_completed=true to keep its finished runs and resume its interrupted ones",
+        )

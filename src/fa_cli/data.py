@@ -6,7 +6,9 @@ a gather with an index tensor: no DataLoader, no per-sample Python transforms in
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -76,7 +78,6 @@ class Data:
         return ((0.0 - self.mean) / self.std).to(device), ((1.0 - self.mean) / self.std).to(device)
 
 
-
 def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
     """``images`` (N, C, H, W) each translated by its ``offsets`` row (dy, dx), integers in
     [-max_shift, max_shift]; the border pixels extend into the space uncovered (for MNIST, background).
@@ -141,6 +142,7 @@ def _read(cfg: FilesDatasetConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor,
     folder, missing = _missing_files(source, root)
     if missing:
         _download(cfg.name, source, root, folder, missing)
+    _check_files(source, folder)
     splits = []
     for train in (True, False):
         try:
@@ -171,6 +173,67 @@ def _missing_files(source: Source, root: Path) -> tuple[Path, list[str]]:
         folder = root / cls.base_folder
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     return folder, [name for name in names if not (folder / name).is_file()]
+
+
+def _check_files(source: Source, folder: Path) -> None:
+    """Each file of the dataset, checked on its own so that a truncated or corrupt one is named (torchvision
+    only says that something in the folder is wrong). MNIST and FashionMNIST: the idx headers against
+    the file sizes, image against label counts, and the labels' range; CIFAR-10: each file's MD5
+    against the release's."""
+    cls = source.cls
+    if issubclass(cls, datasets.MNIST):
+        size, classes = source.shape.size, source.shape.num_classes
+        for prefix in ("train", "t10k"):
+            images = folder / f"{prefix}-images-idx3-ubyte"
+            labels = folder / f"{prefix}-labels-idx1-ubyte"
+            num_images = _idx_count(images, (size, size))
+            num_labels = _idx_count(labels, ())
+            if num_images != num_labels:
+                raise DataError(
+                    f"{images} holds {num_images} images but {labels} holds {num_labels} labels: "
+                    "the two files are from different sets; download them again"
+                )
+            largest = max(labels.read_bytes()[8:], default=0)
+            if largest >= classes:
+                message = f"{labels} holds label {largest}; labels must be 0 to {classes - 1}: corrupt file"
+                raise DataError(message)
+    else:
+        for name, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+            digest = hashlib.md5((folder / name).read_bytes()).hexdigest()
+            if digest != md5:
+                raise DataError(
+                    f"{folder / name} is truncated or corrupt (MD5 {digest}, the release's is {md5}); "
+                    "replace it with the file from the release"
+                )
+
+
+def _idx_count(path: Path, item_shape: tuple[int, ...]) -> int:
+    """How many items of ``item_shape`` the idx file (unsigned bytes) at ``path`` holds, after checking
+    that its header says so and that its size agrees with the header."""
+    ndim = 1 + len(item_shape)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        dims_bytes = f.read(4 * ndim)
+    if magic[:2] == b"\x1f\x8b":
+        raise DataError(f"{path} is gzip-compressed: gunzip it (fa-train reads the decompressed idx files)")
+    if len(magic) < 4 or magic[:3] != b"\0\0\x08" or magic[3] != ndim or len(dims_bytes) < 4 * ndim:
+        start = magic.hex() or "nothing: it is empty"
+        raise DataError(
+            f"{path} is not an idx file of {ndim}-d unsigned bytes (it starts with {start}): corrupt or "
+            "truncated; download it again"
+        )
+    count, *shape = struct.unpack(f">{ndim}I", dims_bytes)
+    if tuple(shape) != item_shape:
+        raise DataError(f"{path} holds items of shape {tuple(shape)}, expected {item_shape}")
+    expected = 4 + 4 * ndim + count * math.prod(item_shape)
+    actual = path.stat().st_size
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its header says"
+        raise DataError(
+            f"{path} is {what}: its header announces {count} items ({expected} bytes), the file has "
+            f"{actual} bytes; download it again"
+        )
+    return count
 
 
 def _download(name: str, source: Source, root: Path, folder: Path, missing: list[str]) -> None:

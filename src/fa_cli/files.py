@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import os
+import pickle
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -55,3 +57,34 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """``torch.save`` of tensors, numbers, strings and containers only, so that it loads with
     ``torch.load(path, weights_only=True)``."""
     _replace(path, lambda f: torch.save(dict(state), f))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely: unreadable, not a checkpoint, or carrying pickled
+    Python objects. One line that names the file."""
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, on the CPU. Loaded with ``weights_only=True``:
+    a file that carries other pickled objects (which a plain ``torch.load`` would construct, running
+    whatever code they name) is refused, never executed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({named.group(1)})" if named else ""
+        raise CheckpointError(
+            f"{path} carries pickled Python objects{what}, not only tensors and plain values: refused "
+            "(checkpoints load with weights_only=True, so that a file cannot run code)"
+        ) from e
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        why = _first_sentence(e)
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {why}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint's dict")
+    return state
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = " ".join(str(error).split()).split(". ")[0]  # torch's messages run on for paragraphs
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -31,6 +31,8 @@ from fa_cli.alignment import METHODS
 from fa_cli.files import csv_text, write_csv, write_text
 
 IDENTITY = ("method", "model", "dataset", "seed")  # what names a run; every other override is a setting
+# How a run was started, not what it computed: a grid relaunched with these keeps its rows together.
+LAUNCH_ONLY = ("trainer.resume", "trainer.skip_completed")
 LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF", "kp": "KP"}
 HEADER = ("Method", "Test Accuracy", "Loss", "Runs")  # the report's columns, and how many runs
 CSV_FIELDS = [
@@ -131,7 +133,7 @@ def _settings(result: dict[str, Any]) -> list[str]:
     settings = []
     for override in result.get("overrides") or []:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key not in IDENTITY and not key.startswith(("hydra", "logger")):
+        if key not in IDENTITY and key not in LAUNCH_ONLY and not key.startswith(("hydra", "logger")):
             settings.append(override)
     return sorted(settings)
 
