@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +285,51 @@ def test_a_missing_extra_stops_fa_train_with_one_line_before_training(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'fa-cli[mlflow]'" in lines[0], proc.stderr
     assert not (run_dir / "metrics.csv").exists() and not (tmp_path / "outputs").exists()  # nothing trained
+
+
+START_TOGETHER = """
+import sys, time
+from pathlib import Path
+
+import mlflow  # imported first, so that the processes open the new store at the same moment
+
+from fa_cli.config import LoggerConfig, MLflowLoggerConfig
+from fa_cli.logger import RunInfo, Trackers
+
+go, run_dir, seed, uri = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+run_dir.mkdir()
+while not go.exists():
+    time.sleep(0.01)
+run = RunInfo(run_dir, "parallel", "seed: 0\\n", {"seed": seed})
+trackers = Trackers.start(LoggerConfig(mlflow=MLflowLoggerConfig(uri)), run)
+trackers.finish({"status": "completed", "test_accuracy": 50.0 + seed})
+"""
+
+
+def test_parallel_jobs_can_share_a_new_sqlite_store(tmp_path):
+    # the jobs of a parallel grid (hydra/launcher=joblib) all open outputs/mlflow.db when it is new
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    go = tmp_path / "go"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_TOGETHER, str(go), str(tmp_path / f"run{seed}"), str(seed), uri],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(3)
+    ]
+    while not all((tmp_path / f"run{seed}").exists() for seed in range(3)):
+        assert all(job.poll() is None for job in jobs), [job.communicate()[1] for job in jobs]
+        time.sleep(0.05)
+    go.touch()
+    errors = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], errors
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+    assert sorted(r.data.metrics["test_accuracy"] for r in runs) == [50.0, 51.0, 52.0]
+    assert all(r.info.status == "FINISHED" for r in runs)

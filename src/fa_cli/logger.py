@@ -13,11 +13,12 @@ went away) is reported once and dropped: the run and its files go on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,6 +28,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fa_cli.config import ConfigError, LoggerConfig, MLflowLoggerConfig, describe, logger_settings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; start a new store with one run before a parallel grid
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # engine imports torch, which validating a config does not need
     from fa_cli.engine import EpochRecord
@@ -231,9 +237,10 @@ class MLflow:
 
         _quiet_mlflow()
         self.tracking_uri, artifact_location = _store(settings.tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        with _store_lock(self.tracking_uri):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)  # creates a new store's tables
+            self.experiment_id = _experiment_id(self.client, run.experiment, artifact_location)
         self.experiment = run.experiment
-        self.experiment_id = _experiment_id(self.client, run.experiment, artifact_location)
         self.run_dir = run.run_dir
         tags = {"run_dir": str(run.run_dir), **run.tags}
         self.run_id = self.client.create_run(self.experiment_id, run_name=run.name, tags=tags).info.run_id
@@ -343,8 +350,9 @@ def _log_summary(tracking_uri: str, experiment: str, sweep_dir: Path, markdown: 
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow()
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _experiment_id(client, experiment, None)
+    with _store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = _experiment_id(client, experiment, None)
     tags = {"sweep_dir": str(sweep_dir), "kind": "sweep summary"}
     run_id = client.create_run(experiment_id, run_name=f"summary of {sweep_dir}", tags=tags).info.run_id
     client.log_text(run_id, markdown, "summary.md")
@@ -361,6 +369,23 @@ def _store(tracking_uri: str) -> tuple[str, str | None]:
     database = Path(tracking_uri[len(prefix) :]).absolute()  # sqlite:////abs/path keeps its root
     database.parent.mkdir(parents=True, exist_ok=True)
     return f"{prefix}{database}", (database.parent / "mlartifacts").as_uri()
+
+
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time opens it (``<file>.lock`` beside it). MLflow creates
+    a new store's tables by running its migrations, and two processes that do so at once (the jobs of
+    a parallel grid) break the file; once it exists, SQLite serialises the writes itself."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or fcntl is None:
+        yield
+        return
+    with open(f"{tracking_uri[len(prefix) :]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
