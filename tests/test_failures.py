@@ -165,6 +165,14 @@ def test_skip_completed_refuses_to_overwrite_another_configs_run(make, tmp_path)
     assert snapshot(tmp_path / "run") == before
 
 
+def test_skip_completed_reruns_a_run_that_failed_before_it_started(make, tmp_path):
+    # What fa-train records for a job that failed on its config: no config, no result to keep.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text('{"status": "failed", "error": "model: ..."}')
+    rerun = runner.train(make("trainer.epochs=1", "trainer.skip_completed=true"), tmp_path / "run")
+    assert rerun["status"] == "completed" and "resumed_from" not in rerun
+
+
 # --- divergence -----------------------------------------------------------------------------------
 
 

@@ -145,7 +145,7 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         # Unless set, as many threads as the cores leave for each of the jobs running at once.
-        run_cfg.trainer.threads = launcher.job_threads(run_cfg.trainer.threads, hydra_cfg.launcher)
+        pass  # SABOTAGE
         if sweep:
             check_sweep_job(run_cfg)
         results = train(run_cfg, run_dir, overrides, tracking=Tracking.of(cfg, hydra_cfg))
@@ -573,7 +573,9 @@ def _previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         previous = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    differences = _differences(previous.get("config") or {}, dataclasses.asdict(cfg))
+    if "config" not in previous:
+        return None  # it failed before it started (e.g. a model that cannot take the images): no result
+    differences = _differences(previous["config"], dataclasses.asdict(cfg))
     if differences:
         raise FolderTaken(
             "trainer.skip_completed",
