@@ -145,7 +145,7 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         # Unless set, as many threads as the cores leave for each of the jobs running at once.
-        pass  # SABOTAGE
+        run_cfg.trainer.threads = launcher.job_threads(run_cfg.trainer.threads, hydra_cfg.launcher)
         if sweep:
             check_sweep_job(run_cfg)
         results = train(run_cfg, run_dir, overrides, tracking=Tracking.of(cfg, hydra_cfg))
