@@ -77,6 +77,9 @@ DATASETS = {
 }
 ORDER = [("mnist", "ann"), ("mnist", "cnn"), ("mnist", "lenet"), ("fashion_mnist", "lenet")]
 NAMING_KEYS = ("experiment", "method", "seed")  # shown first in a command, in this order
+# Sections made by other runs and scripts (the "inside the learning" one: alignment and attacks) sit
+# below this line in the page; regenerating the tables above keeps them as they are.
+KEPT_BELOW = "<!-- Written by hand below this line: results_doc.py keeps it when it rewrites the tables. -->"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,10 +98,17 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(result)
     if not runs:
         parser.error(f"no results.json under {', '.join(map(str, args.folders))}")
-    text = document(runs, args.folders)
+    text = document(runs, args.folders) + kept_part(args.output)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(f"wrote {args.output} from {len(runs)} runs", file=sys.stderr)
+
+
+def kept_part(page: Path) -> str:
+    """The part of an existing ``page`` from the KEPT_BELOW line on ("" when there is none)."""
+    text = page.read_text() if page.is_file() else ""
+    start = text.find(KEPT_BELOW)
+    return "" if start < 0 else "\n" + text[start:]
 
 
 def document(runs: list[dict[str, Any]], folders: list[Path]) -> str:
