@@ -148,12 +148,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: The clock samples are read with: wall time, or (``--clock thread``) the CPU time of this thread.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = CLOCKS["wall"]
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved(
@@ -919,6 +924,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cpu; cuda with --gpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="thread: count only the CPU time of the main thread, not the time other processes hold the "
+        "cores (a loaded machine); needs --threads 1, where torch computes on the calling thread",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -978,6 +990,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.overhead_models, args.overhead_epochs = ["ann", "cnn"], 1
         args.time_limit = args.time_limit or 110.0
     args.device = args.device or "cpu"
+    if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
+        p.error("--clock thread needs --threads 1 and the CPU (other threads' work would not be counted)")
     if args.quick:
         args.reps, args.warmup, args.epoch_reps, args.bt_reps, args.min_sample = 5, 2, 1, 1, 0.005
         args.limit_rounds, args.limit_steps = 1, 3
@@ -1001,6 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     # fa-train's own settings (trainer.deterministic, default true), set before CUDA starts: cuBLAS
     # reads its workspace setting once.
     from fa_cli.train import seed_everything
@@ -1012,7 +1028,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if output is not None:
         output.write(f"python benchmarks/speed.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n")
     peak = machine(report, device)
-    report.line(f"deterministic kernels: {not args.nondeterministic}")
+    report.line(f"deterministic kernels: {not args.nondeterministic}; clock: {args.clock}")
     started = time.perf_counter()
     sections: dict[str, Callable[[], None]] = {
         "steps": lambda: section_steps(args, report, device),
