@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of docs/RESULTS.md's "inside the learning" section: the report's CNN trained with every
 # rule (bp fa dfa usf brsf frsf kp shallow) x seeds, with alignment diagnostics during training and a
-# PGD attack on the test set after it; then the sweep's tables and figures. All runs start at once, one
+# PGD attack (FA_ATTACK) on the test set after it; then the sweep's tables and figures. All runs start at once, one
 # CPU thread each: a run of this small model keeps one core busy launching kernels and leaves the GPU
 # mostly idle, so 16 of them share one GPU. Meant to finish within 3 minutes on 16 cores and one H100.
 #
@@ -18,6 +18,7 @@
 #   FA_DEVICE      trainer.device (default cuda: no GPU is an error, never a silent CPU run)
 #   FA_SEEDS       seeds, space-separated (default "0 1")
 #   FA_EPOCHS      trainer.epochs (default 5)
+#   FA_ATTACK      eval.attack (default pgd; fgsm is one gradient per epsilon instead of ten)
 #   FA_TIME_LIMIT  seconds each run may take before it is stopped (default 140)
 # Exit code 0 only when every run completed; otherwise 1, after copying back whatever there is.
 set -euo pipefail
@@ -44,6 +45,7 @@ command -v fa-train >/dev/null || die "fa-train not on PATH: install the project
 DEVICE="${FA_DEVICE:-cuda}"
 read -r -a SEEDS <<<"${FA_SEEDS:-0 1}"
 EPOCHS="${FA_EPOCHS:-5}"
+ATTACK="${FA_ATTACK:-pgd}"
 TIME_LIMIT="${FA_TIME_LIMIT:-140}"
 METHODS=(bp fa dfa usf brsf frsf kp shallow)
 if [[ "$DEVICE" == cuda* ]]; then
@@ -60,7 +62,7 @@ copy_back() {
   {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "wall seconds: $(($(date +%s) - START))"
-    echo "cpu cores: $(nproc), device: $DEVICE, epochs: $EPOCHS, seeds: ${SEEDS[*]}"
+    echo "cpu cores: $(nproc), device: $DEVICE, epochs: $EPOCHS, seeds: ${SEEDS[*]}, attack: $ATTACK"
     python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)
 for i in range(torch.cuda.device_count()):
     print("gpu", i, torch.cuda.get_device_name(i))'
@@ -77,7 +79,7 @@ for method in "${METHODS[@]}"; do
     name="${method}_seed$seed"
     timeout --signal=TERM --kill-after=15 "$TIME_LIMIT" \
       fa-train model=cnn "method=$method" "seed=$seed" "trainer.epochs=$EPOCHS" \
-      diagnostics.every=50 eval.attack=pgd "eval.eps=[0,0.05,0.1,0.2,0.3]" \
+      diagnostics.every=50 "eval.attack=$ATTACK" "eval.eps=[0,0.05,0.1,0.2,0.3]" \
       "trainer.device=$DEVICE" trainer.threads=1 "hydra.run.dir=$WORK/cnn/$name" "$@" \
       >"$WORK/logs/$name.log" 2>&1 &
     JOBS+=("$name")
