@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU half of docs/RESULTS.md's "inside the learning" section: the report's CNN trained with every
 # rule (bp fa dfa usf brsf frsf kp shallow) x seeds, with alignment diagnostics during training and a
-# PGD attack (FA_ATTACK) on the test set after it; then the sweep's tables and figures. All runs start at once, one
-# CPU thread each: a run of this small model keeps one core busy launching kernels and leaves the GPU
-# mostly idle, so 16 of them share one GPU. Meant to finish within 3 minutes on 16 cores and one H100.
+# PGD attack (FA_ATTACK) on the test set after it; then the sweep's tables and figures. All runs start
+# at once, one CPU thread each: a run of this small model keeps one core busy launching kernels and
+# leaves the GPU mostly idle, so 16 of them share one GPU. Meant to finish within 3 minutes on 16 cores and one H100.
 #
 #   FA_DATA_DIR=/data OUT=/tmp/inside benchmarks/inside_the_learning_gpu.sh              # the real thing
 #   FA_DATA_DIR=/data OUT=/tmp/tiny FA_DEVICE=cpu FA_SEEDS="0" \
