@@ -75,11 +75,12 @@ def _results(sweep: Path) -> list[dict]:
 def test_a_joblib_grid_runs_jobs_side_by_side_with_their_share_of_the_cores(fa_train, tmp_path: Path) -> None:
     from joblib import cpu_count
 
-    # joblib keeps a thread count the parent's environment sets: without fa-train's own, two jobs would
-    # each start one thread per core here
+    # joblib divides the cores among its workers only where the environment sets no thread counts: with
+    # these set, as on many clusters, two jobs would each start one thread per core but for fa-train's own
+    cores = str(cpu_count())
     proc = fa_train(
         "-m", *UNTHREADED, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=bp,fa",
-        env={"OMP_NUM_THREADS": str(cpu_count())},
+        env={"OMP_NUM_THREADS": cores, "MKL_NUM_THREADS": cores},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(tmp_path / "sweep")

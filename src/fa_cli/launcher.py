@@ -1,8 +1,10 @@
 """Threads for each job of a sweep, from the Hydra launcher that runs the jobs (``hydra/launcher``).
 
 Left alone, every torch process starts one thread per core, so ``n`` jobs running side by side start
-``n`` times as many threads as there are cores, which then wait on each other. So a job's
-``trainer.threads``, when not set, follows its launcher:
+``n`` times as many threads as there are cores, which then wait on each other. (joblib divides the
+cores among its workers itself only when the environment sets no ``OMP_NUM_THREADS`` or
+``MKL_NUM_THREADS``; many clusters set them.) So a job's ``trainer.threads``, when not set, follows
+its launcher:
 
 - ``joblib``: the cores divided by the jobs joblib runs at once (``hydra.launcher.n_jobs``, where -1
   is one job per core, -2 all cores but one, as in joblib), so that jobs × threads ≤ cores;
