@@ -62,7 +62,7 @@ from fa_cli.alignment import METHODS, convert, feedback
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
 
-SECTIONS = ("steps", "limits", "epoch", "biotorch", "sweep", "overhead")
+SECTIONS = ("steps", "limits", "parts", "epoch", "biotorch", "sweep", "overhead")
 #: The models of the step table: ``conf/model`` options, plus overrides for the 4x1024 MLP.
 MODELS: dict[str, list[str]] = {
     "ann": ["model=ann"],
@@ -345,9 +345,9 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
 # --- what a rule adds to a step --------------------------------------------------------------------
 
 
-#: brsf draws its magnitudes with numpy on the CPU, which torch.profiler does not see: profile_step
-#: wraps the draw in a record_function of this name so its time is counted.
-BRSF_DRAW = "brsf: draw |R| (numpy)"
+#: profile_step wraps brsf's draw in a record_function of this name, so that whatever the draw calls
+#: (torch's generator now, or code torch.profiler does not see) is counted as random numbers.
+BRSF_DRAW = "brsf: draw |R|"
 #: Profiler op names -> what they are in a training step (the rest is "other").
 OP_KINDS = {
     "matmul / conv": (
@@ -431,10 +431,6 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     copy = statistics.median(timed(lambda: weights.clone(), device) for _ in range(20))
     draws = torch.empty(1_000_000)
     rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
-    brsf = statistics.median(
-        timed(lambda: feedback.redraw_magnitude(draws, draws.view(1000, 1000), 1.0), device)
-        for _ in range(20)
-    )
     report.table(
         f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
         ["method", "total", *kinds],
@@ -443,10 +439,128 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
             f"median of {args.limit_rounds} profiled rounds of {args.limit_steps} steps; self CPU time per "
             f"op name. For scale: one copy of all {weights.numel() / 1e6:.2f}M weights takes "
             f"{1e3 * copy:.2f} ms; uniform_ on the CPU generator (mt19937) draws 1M floats in "
-            f"{1e3 * rng:.2f} ms, brsf's draw (numpy SFC64, seeded from torch) in {1e3 * brsf:.2f} ms."
+            f"{1e3 * rng:.2f} ms."
         ),
     )
     del cases
+    gc.collect()
+
+
+# --- the parts the second round changed, old way against new ---------------------------------------
+
+
+def sfc64_draw(out: Tensor, bound: float) -> None:
+    """U(0, bound) into ``out`` with numpy's SFC64, seeded from torch's generator: the faster generator
+    the second round tried for brsf (see docs/PERFORMANCE.md); kept here so the comparison can be rerun."""
+    import numpy as np
+
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    np.random.Generator(np.random.SFC64(seed)).random(out=out.numpy(), dtype=np.float32)
+    out.mul_(bound)
+
+
+def section_parts(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    """Each per-step cost the second round of fixes changed, timed the old way and the new way on the
+    4x1024 MLP's tensors (and the ANN's batches), interleaved as elsewhere. Small, isolated timings
+    that stay readable on a loaded machine, where whole-step ratios move by several percent."""
+    if device.type != "cpu":
+        report.line("parts: CPU only (the changes it times are CPU costs)")
+        return
+    parameters = list(cases_for(MODELS["mlp"], ["bp"], device)["bp"].model.parameters())
+    weights = [p for p in parameters if p.dim() > 1]  # first layer first
+    magnitudes = [torch.rand_like(w) for w in weights]
+    draws = torch.empty(1_000_000, device=device)
+    grads = [torch.randn_like(p) for p in parameters]
+
+    def sgd(fused: bool | None) -> torch.optim.Optimizer:
+        params = [p.detach().clone().requires_grad_(True) for p in parameters]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused)
+
+    loop, fused = sgd(None), sgd(True)
+    images = torch.randn(60_000, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (60_000,), device=device)
+    index = torch.randperm(60_000, device=device)[: args.batch_size]
+    logits, loss = torch.randn(args.batch_size, 10, device=device), torch.tensor(0.5, device=device)
+    steps = 100
+    input_buffer = images.new_empty((args.batch_size, 1, 28, 28))
+    label_buffer = labels.new_empty(args.batch_size)
+
+    def store_indexed() -> None:  # the engine before: an indexed store per step
+        losses = torch.zeros(steps, device=device)
+        correct = torch.zeros(steps, device=device, dtype=torch.long)
+        targets = labels[: args.batch_size]
+        for step in range(steps):
+            losses[step] = loss.detach()
+            correct[step] = (logits.argmax(dim=1) == targets).sum()
+
+    def store_listed() -> None:  # the engine now: appended, stacked once
+        step_losses, step_correct = [], []
+        targets = labels[: args.batch_size]
+        for _ in range(steps):
+            step_losses.append(loss.detach())
+            step_correct.append((logits.argmax(dim=1) == targets).sum())
+        torch.stack(step_losses), torch.stack(step_correct)
+
+    def gather_new() -> None:
+        for _ in range(steps):
+            images.index_select(0, index), labels.index_select(0, index)
+
+    def gather_reused() -> None:
+        for _ in range(steps):
+            torch.index_select(images, 0, index, out=input_buffer)
+            torch.index_select(labels, 0, index, out=label_buffer)
+
+    pairs: dict[str, tuple[str, Callable[[], Any], str, Callable[[], Any]]] = {
+        "sign-concordant B of every layer / of all but the first (ms per step)": (
+            "every layer",
+            lambda: [torch.copysign(m, w.detach()) for m, w in zip(magnitudes, weights, strict=True)],
+            "all but the first",
+            lambda: [torch.copysign(m, w.detach()) for m, w in zip(magnitudes[1:], weights[1:], strict=True)],
+        ),
+        "brsf's |R|, 1M draws (ms): torch's generator / numpy's SFC64 seeded from it, then scaled": (
+            "uniform_ (mt19937)",
+            lambda: draws.uniform_(0.0, 0.1),
+            "SFC64 (tried, not adopted)",
+            lambda: sfc64_draw(draws, 0.1),
+        ),
+        "SGD step with momentum, all 3.96M parameters (ms)": (
+            "for-loop",
+            loop.step,
+            "fused",
+            fused.step,
+        ),
+        f"engine: loss and accuracy bookkeeping, {steps} steps (ms per step)": (
+            "indexed store",
+            store_indexed,
+            "stacked at refresh",
+            store_listed,
+        ),
+        f"engine: gather a batch of {args.batch_size} images and labels, {steps} steps (ms per step)": (
+            "new tensors",
+            gather_new,
+            "reused buffers",
+            gather_reused,
+        ),
+    }
+    rounds = max(5, args.reps // 2)
+    rows = []
+    for what, (old_name, old, new_name, new) in pairs.items():
+        per = steps if "steps" in what else 1
+        for fn in (old, new):
+            fn()
+        samples = interleaved({"old": old, "new": new}, rounds, device, seed=args.seed)
+        old_ms = 1e3 * statistics.median(samples["old"]) / per
+        new_ms = 1e3 * statistics.median(samples["new"]) / per
+        q = paired_ratios(samples, "old")["new"]
+        rows.append([what, f"{old_name}: {old_ms:.3f}", f"{new_name}: {new_ms:.3f}", ratio(q)])
+    report.table(
+        f"What the second round changed, old way against new, {device}",
+        ["part", "old", "new", "new / old (IQR)"],
+        rows,
+        note=f"median of {rounds} interleaved rounds each; ratios are medians of per-round ratios.",
+    )
     gc.collect()
 
 
@@ -1033,6 +1147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sections: dict[str, Callable[[], None]] = {
         "steps": lambda: section_steps(args, report, device),
         "limits": lambda: section_limits(args, report, device),
+        "parts": lambda: section_parts(args, report, device),
         "epoch": lambda: section_epoch(args, report, device),
         "biotorch": lambda: section_biotorch(args, report, device),
         "sweep": lambda: section_sweep(args, report, device, peak),
