@@ -3,7 +3,7 @@
 # trains with DistributedDataParallel over NCCL, and ends with the weights of a plain one-process run
 # of the same config on the same GPU (dfa: projected output error; kp: B's gradient averaged by
 # fa_cli.distributed). Then one epoch of a torchvision ResNet-18 under torchrun, whose BatchNorm
-# becomes SyncBatchNorm on CUDA. About two minutes on an H100, most of it process start-up.
+# becomes SyncBatchNorm on CUDA. Five short runs, one after another; each starts its own processes.
 #
 #   OUT=/tmp/ddp benchmarks/ddp_gpu_check.sh                      # generated data
 #   OUT=/tmp/ddp FA_DATA_DIR=/data benchmarks/ddp_gpu_check.sh    # MNIST, from /data/MNIST/raw/
