@@ -86,6 +86,7 @@ for i in range(torch.cuda.device_count()):
 }
 trap 'copy_back "$@"' EXIT
 
+export PYTHONUNBUFFERED=1  # the logs show each run as it goes, and keep its last lines if it is killed
 echo "results_gpu.sh: ${#GRIDS[@]} sweeps x seeds $SEEDS on $DEVICE, $THREADS threads each, in $WORK"
 PIDS=()
 for grid in "${GRIDS[@]}"; do
@@ -109,7 +110,7 @@ for i in "${!GRIDS[@]}"; do
     FAILED=1
     case $rc in 124 | 137) why="stopped after FA_TIME_LIMIT=$TIME_LIMIT s" ;; *) why="exit code $rc" ;; esac
     echo "FAILED  ${GRIDS[$i]}: $why; last lines of $OUT/logs/${GRIDS[$i]// /_}.log:" >&2
-    tail -n 5 "$WORK/logs/${GRIDS[$i]// /_}.log" | sed 's/^/        /' >&2
+    tail -n 5 "$WORK/logs/${GRIDS[$i]// /_}.log" | cut -c1-200 | sed 's/^/        /' >&2
   fi
 done
 
