@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         for file in sorted(folder.glob("**/results.json")):
             for result in collect([file]):
                 result["_folder"] = file.parent
+                # The first folder level under FOLDER (docs/results/cpu, docs/results/gpu) keeps runs made
+                # apart, on different machines, in tables of their own.
+                parts = file.relative_to(folder).parts
+                result["_source"] = parts[0] if len(parts) > 2 else ""
                 runs.append(result)
     if not runs:
         parser.error(f"no results.json under {', '.join(map(str, args.folders))}")
@@ -112,10 +116,14 @@ def kept_part(page: Path) -> str:
 
 
 def document(runs: list[dict[str, Any]], folders: list[Path]) -> str:
-    by_table: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_table: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by_table[(str(run.get("dataset")), str(run.get("model")))].append(run)
-    keys = [k for k in ORDER if k in by_table] + sorted(k for k in by_table if k not in ORDER)
+        by_table[(str(run.get("dataset")), str(run.get("model")), run.get("_source", ""))].append(run)
+
+    def order(key: tuple[str, str, str]) -> tuple[int, tuple[str, str, str]]:
+        return (ORDER.index(key[:2]) if key[:2] in ORDER else len(ORDER), key)
+
+    keys = sorted(by_table, key=order)
     sources = " ".join(str(f) for f in folders)
     lines = [
         "# Results",
@@ -137,7 +145,7 @@ def document(runs: list[dict[str, Any]], folders: list[Path]) -> str:
     ]
     for key in keys:
         lines += section(key, by_table[key])
-    if ("fashion_mnist", "lenet") not in by_table:
+    if not any(key[:2] == ("fashion_mnist", "lenet") for key in by_table):
         lines += [
             "## Fashion-MNIST",
             "",
@@ -156,15 +164,15 @@ def document(runs: list[dict[str, Any]], folders: list[Path]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def section(key: tuple[str, str], runs: list[dict[str, Any]]) -> list[str]:
-    dataset, model = key
-    tables = summarize(runs)
-    rows = tables[key]
+def section(key: tuple[str, str, str], runs: list[dict[str, Any]]) -> list[str]:
+    dataset, model, source = key
+    rows = summarize(runs)[(dataset, model)]
     title = f"{DATASETS.get(dataset, dataset)} · {TITLES.get(model, model)}"
-    fa_report = to_markdown({key: rows}).split("\n")
+    title += f" ({source})" if source else ""
+    fa_report = to_markdown({(dataset, model): rows}).split("\n")
     table = fa_report[fa_report.index(f"## {dataset} · {model}") + 2 :]  # the table, without headings
     lines = [f"## {title}", "", *[line for line in table if line], ""]
-    reference = REFERENCES.get(key)
+    reference = REFERENCES.get((dataset, model))
     if reference:
         lines += comparison(rows, reference) + [""]
     lines += per_seed(runs) + [""]
