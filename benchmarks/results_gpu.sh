@@ -15,7 +15,7 @@
 #                    metrics.csv, train.log and .hydra/ (no checkpoints), the sweeps' summaries, the logs,
 #                    summary_<preset>.md (fa-report's tables) and machine.txt
 #   FA_DEVICE        trainer.device for every run (default cuda: no GPU is an error, never a silent CPU run)
-#   FA_TIME_LIMIT    seconds each fa-train may take before it is stopped (default 420)
+#   FA_TIME_LIMIT    seconds each fa-train may take before it is stopped (default 330: all done in 6 min)
 #   FA_WORK          where runs write while training (default: a fresh temporary folder)
 # Exit code 0 only when every run completed (36 by default); otherwise 1, after copying back what there is.
 set -euo pipefail
@@ -41,7 +41,7 @@ fi
 command -v fa-train >/dev/null || die "fa-train not on PATH: install the project (pip install -e .) or activate its .venv"
 
 DEVICE="${FA_DEVICE:-cuda}"
-TIME_LIMIT="${FA_TIME_LIMIT:-420}"
+TIME_LIMIT="${FA_TIME_LIMIT:-330}"
 if [[ "$DEVICE" == cuda* ]]; then
   python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
     || die "FA_DEVICE=$DEVICE but torch sees no GPU (torch $(python -c 'import torch; print(torch.__version__)'))"
