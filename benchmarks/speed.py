@@ -481,9 +481,10 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
     loop, fused = sgd(None), sgd(True)
     images = torch.randn(60_000, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (60_000,), device=device)
-    index = torch.randperm(60_000, device=device)[: args.batch_size]
-    logits, loss = torch.randn(args.batch_size, 10, device=device), torch.tensor(0.5, device=device)
     steps = 100
+    # A new random batch each step, as in an epoch: the rows come from memory, not from the cache.
+    indices = torch.randperm(60_000, device=device).split(args.batch_size)[:steps]
+    logits, loss = torch.randn(args.batch_size, 10, device=device), torch.tensor(0.5, device=device)
     input_buffer = images.new_empty((args.batch_size, 1, 28, 28))
     label_buffer = labels.new_empty(args.batch_size)
 
@@ -504,11 +505,11 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         torch.stack(step_losses), torch.stack(step_correct)
 
     def gather_new() -> None:
-        for _ in range(steps):
+        for index in indices:
             images.index_select(0, index), labels.index_select(0, index)
 
     def gather_reused() -> None:
-        for _ in range(steps):
+        for index in indices:
             torch.index_select(images, 0, index, out=input_buffer)
             torch.index_select(labels, 0, index, out=label_buffer)
 
@@ -519,7 +520,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             "all but the first",
             lambda: [torch.copysign(m, w.detach()) for m, w in zip(magnitudes[1:], weights[1:], strict=True)],
         ),
-        "brsf's |R|, 1M draws (ms): torch's generator / numpy's SFC64 seeded from it, then scaled": (
+        "brsf's magnitudes, 1M draws (ms): torch's generator, or numpy's SFC64 seeded from it and scaled": (
             "uniform_ (mt19937)",
             lambda: draws.uniform_(0.0, 0.1),
             "SFC64 (tried, not adopted)",
