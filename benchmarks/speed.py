@@ -1156,12 +1156,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     # overhead last: fa-train installs its own logging and signal handlers.
     order = sorted(dict.fromkeys(args.sections), key=lambda name: name == "overhead")
+    failed = []
     for name in order:
         elapsed = time.perf_counter() - started
         if args.time_limit is not None and elapsed >= args.time_limit:
             report.line(f"{name}: skipped, {elapsed:.0f} s of the {args.time_limit:.0f} s time limit spent")
             continue
-        sections[name]()
+        try:
+            sections[name]()
+        except Exception as error:  # one section's failure (no MNIST here, out of memory) spares the rest
+            failed.append(name)
+            report.line(f"{name}: failed: {type(error).__name__}: {error}")
+            continue
         report.line(f"({name}: {time.perf_counter() - started - elapsed:.1f} s)")
     report.line(
         f"done in {time.perf_counter() - started:.0f} s; load average now "
@@ -1169,6 +1175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if output is not None:
         output.close()
+    if failed:
+        sys.exit(f"sections that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
