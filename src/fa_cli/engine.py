@@ -166,7 +166,9 @@ def train_epoch(
             sizes = global_sizes
         if refresh:
             done = slice(0, step + 1)
-            loss_sum, seen = (losses[done] * sizes[done]).sum().item(), sizes[done].sum().item()
+            # In float64: float32 losses near 1e32 are finite, but their float32 sum is not.
+            loss_sum = (losses[done].double() * sizes[done]).sum().item()
+            seen = sizes[done].sum().item()
             # A bound costs one more read from the device per refresh; NaN and inf show in the sum.
             # Under torchrun a run stops only on the summed numbers: one rank stopping alone would hang.
             checked = last or not world.active
