@@ -55,7 +55,7 @@ def test_every_option_composes_and_validates(group, option):
     run = make(f"{group}={option}")
     if group == "method":
         assert run.method.name == option
-        assert run.method.scale == 1.0
+        assert run.method.scale == (0.25 if option == "dfa" else 1.0)  # see conf/method/dfa.yaml
     if group == "dataset":
         assert run.dataset.name == option
 
