@@ -101,3 +101,13 @@ def test_a_grid_over_methods_and_seeds_has_no_settings_column():
     (table,) = report.summarize(grid).values()
     assert [(row.method, row.settings, row.runs) for row in table] == [("bp", "", 2), ("fa", "", 2)]
     assert "Settings" not in report.to_markdown(report.summarize(grid))
+
+
+def test_where_the_data_lives_and_how_many_threads_are_no_settings():
+    # The same runs started on two machines with the data in different folders are one row.
+    runs = [
+        result("fa", 97.0, 0.1, seed=0, overrides=["dataset.root=/data", "trainer.threads=1"]),
+        result("fa", 96.0, 0.1, seed=1, overrides=["dataset.root=/tmp/mnist", "trainer.threads=8"]),
+    ]
+    (table,) = report.summarize(runs).values()
+    assert [(row.settings, row.runs) for row in table] == [("", 2)]
