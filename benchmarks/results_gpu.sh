@@ -20,33 +20,10 @@
 # Exit code 0 only when every run completed (36 by default); otherwise 1, after copying back what there is.
 set -euo pipefail
 
-die() { echo "results_gpu.sh: error: $*" >&2; exit 2; }
+# shellcheck source=benchmarks/gpu_setup.sh
+source "$(dirname "$0")/gpu_setup.sh"  # checks OUT, FA_DATA_DIR, fa-train, the GPU; cd to the repo
 
-[[ -n "${OUT:-}" ]] || die "set OUT to the folder the results should go to"
-[[ -n "${FA_DATA_DIR:-}" ]] || die "set FA_DATA_DIR to the folder that holds MNIST/raw/"
-for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-  [[ -f "$FA_DATA_DIR/MNIST/raw/$name" ]] || die "$FA_DATA_DIR/MNIST/raw/$name not found (FA_DATA_DIR=$FA_DATA_DIR)"
-done
-# Absolute paths: the script moves to the repository root next.
-FA_DATA_DIR="$(cd "$FA_DATA_DIR" && pwd)"
-export FA_DATA_DIR
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-
-cd "$(dirname "$0")/.."
-if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
-  # shellcheck disable=SC1091
-  source .venv/bin/activate
-fi
-command -v fa-train >/dev/null || die "fa-train not on PATH: install the project (pip install -e .) or activate its .venv"
-
-DEVICE="${FA_DEVICE:-cuda}"
 TIME_LIMIT="${FA_TIME_LIMIT:-330}"
-if [[ "$DEVICE" == cuda* ]]; then
-  python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
-    || die "FA_DEVICE=$DEVICE but torch sees no GPU (torch $(python -c 'import torch; print(torch.__version__)'))"
-fi
-
 PRESETS="${FA_PRESETS:-report_cnn biotorch_lenet report_ann}"
 GRIDS=()
 for preset in $PRESETS; do

@@ -22,9 +22,14 @@ TINY = [
 ]
 
 
-def config(*overrides: str) -> RunConfig:
+def compose_run(*overrides: str) -> RunConfig:
+    """``conf/train.yaml`` with ``overrides``, composed and validated."""
     with initialize_config_module(config_module="fa_cli.conf", version_base=None):
-        return validate(compose(config_name="train", overrides=[*TINY, *overrides]))
+        return validate(compose(config_name="train", overrides=list(overrides)))
+
+
+def config(*overrides: str) -> RunConfig:
+    return compose_run(*TINY, *overrides)
 
 
 def run(run_dir: Path, *overrides: str) -> dict[str, Any]:

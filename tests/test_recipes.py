@@ -6,25 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from torch import nn
 
 from fa_cli import data, engine
-from fa_cli.config import AdamWConfig, ConfigError, SyntheticDatasetConfig, validate
+from fa_cli.config import AdamWConfig, ConfigError, SyntheticDatasetConfig
 from fa_cli.optim import build_optimizer, build_scheduler
+from inprocess import compose_run as make
 
 REPORT_METHODS = ("bp", "fa", "dfa")
 BIOTORCH_METHODS = ("bp", "fa", "usf", "brsf", "frsf", "dfa")
-
-
-@pytest.fixture
-def hydra_conf():
-    with initialize_config_module(config_module="fa_cli.conf", version_base=None):
-        yield
-
-
-def make(*overrides: str):
-    return validate(compose(config_name="train", overrides=list(overrides)))
 
 
 # --- random shifts ---------------------------------------------------------------------------------
@@ -119,7 +109,7 @@ def test_adamw_decays_the_weights_directly():
 # --- config ----------------------------------------------------------------------------------------
 
 
-def test_recipe_options_compose_and_validate(hydra_conf):
+def test_recipe_options_compose_and_validate():
     run = make("optim=adamw", "trainer.label_smoothing=0.1", "dataset.random_shift=2")
     assert isinstance(run.optim, AdamWConfig) and run.optim.weight_decay == 0.01
     assert (run.trainer.label_smoothing, run.dataset.random_shift) == (0.1, 2)
@@ -135,7 +125,7 @@ def test_recipe_options_compose_and_validate(hydra_conf):
         ("dataset.random_shift=-1", "dataset.random_shift"),
     ],
 )
-def test_impossible_recipe_values_name_their_key(hydra_conf, override, key):
+def test_impossible_recipe_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as error:
         make(override)
     assert error.value.key == key
@@ -151,7 +141,7 @@ def test_impossible_recipe_values_name_their_key(hydra_conf, override, key):
     + [("biotorch_lenet", m) for m in BIOTORCH_METHODS],
 )
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
-def test_presets_fix_the_model_and_recipe_for_every_method(hydra_conf, preset, method, dataset):
+def test_presets_fix_the_model_and_recipe_for_every_method(preset, method, dataset):
     run = make(f"experiment={preset}", f"method={method}", f"dataset={dataset}")
     assert run.method.name == method and run.dataset.name == dataset
     assert run.model.name == {"report_ann": "ann", "report_cnn": "cnn", "biotorch_lenet": "lenet"}[preset]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -262,6 +262,11 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu")
 SCHEDULES = ("none", "step", "multistep", "cosine")
 PROJECTIONS = ("full", "channel")
 ATTACKS = ("none", "fgsm", "pgd")
+# Keys that say how a run was started and where its data lives, not what it computes: summary tables
+# keep runs that differ only in these in one row.
+LAUNCH_ONLY = ("dataset.root", "trainer.threads", "trainer.resume", "trainer.skip_completed")
+# Keys that may differ between a run and the one it resumes or skips: those, and the device it runs on.
+SAME_RUN_ANYWAY = (*LAUNCH_ONLY, "trainer.device")
 
 
 def register() -> None:
@@ -405,10 +410,10 @@ def _check_trainer(t: TrainerConfig) -> None:
     device = t.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError("trainer.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
-    _check_cuda(device)
+    check_cuda(device)
 
 
-def _check_cuda(device: str) -> None:
+def check_cuda(device: str) -> None:
     """A CUDA device that this machine has: checked with the config, so that a grid fails before its
     first job rather than in each."""
     import torch  # here, not at the top: the schema itself does not need torch
@@ -490,6 +495,17 @@ def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:
 
 
 # --- one-line messages for Hydra's and OmegaConf's errors -----------------------------------------
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``: a config tree's leaves by dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def describe(error: BaseException) -> str:

@@ -172,7 +172,7 @@ def train_epoch(
             # A bound costs one more read from the device per refresh; NaN and inf show in the sum.
             # Under torchrun a run stops only on the summed numbers: one rank stopping alone would hang.
             checked = last or not world.active
-            high = max_loss is not None and losses[done].max().item() > max_loss
+            high = checked and max_loss is not None and losses[done].max().item() > max_loss
             if checked and (not math.isfinite(loss_sum) or high):
                 bad = ~torch.isfinite(losses[done])
                 if max_loss is not None:

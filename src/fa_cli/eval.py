@@ -41,7 +41,7 @@ def fgsm(
     """Fast gradient sign method (Goodfellow 2015): one step of ``eps`` along the input gradient's
     sign. ``eps``, ``lower`` and ``upper`` are per channel in the inputs' (normalised) units."""
     step = eps * input_gradient(model, inputs, targets).sign()
-    return torch.minimum(torch.maximum(inputs + step, lower), upper)
+    return torch.clamp(inputs + step, lower, upper)
 
 
 def pgd(
@@ -62,11 +62,11 @@ def pgd(
     adversarial = inputs
     if generator is not None:
         noise = torch.rand(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-        adversarial = torch.minimum(torch.maximum(inputs + (2 * noise - 1) * eps, lower), upper)
+        adversarial = torch.clamp(inputs + (2 * noise - 1) * eps, lower, upper)
     low, high = torch.maximum(inputs - eps, lower), torch.minimum(inputs + eps, upper)
     for _ in range(steps):
         step = step_size * eps * input_gradient(model, adversarial, targets).sign()
-        adversarial = torch.minimum(torch.maximum(adversarial + step, low), high)
+        adversarial = torch.clamp(adversarial + step, low, high)
     return adversarial
 
 
@@ -85,13 +85,13 @@ def attack_accuracies(
     std = data.std.to(device)
     results = []
     for eps in cfg.eps:
+        budget = eps / std  # the pixel-space budget in each channel's normalised units
         generator = torch.Generator(device=device).manual_seed(seed) if cfg.random_start else None
         loss = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for start in range(0, len(split), batch_size):
             inputs = split.inputs[start : start + batch_size]
             targets = split.targets[start : start + batch_size]
-            budget = eps / std  # the pixel-space budget in each channel's normalised units
             if cfg.attack == "fgsm":
                 adversarial = fgsm(model, inputs, targets, budget, lower, upper)
             else:

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fa_cli.config import ConfigError, LoggerConfig, MLflowLoggerConfig, describe, logger_settings
+from fa_cli.config import ConfigError, LoggerConfig, MLflowLoggerConfig, describe, flatten, logger_settings
 
 try:
     import fcntl
@@ -298,17 +298,11 @@ class MLflow:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(tree: Mapping[str, Any]) -> dict[str, str]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``: MLflow's params, one per config leaf.
     Values other than strings are written as JSON (``true``, ``null``, ``[50]``), as results.json has
     them."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return flat
+    return {key: v if isinstance(v, str) else json.dumps(v) for key, v in flatten(tree).items()}
 
 
 def run_artifacts(run_dir: Path) -> list[Path]:

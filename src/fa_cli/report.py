@@ -28,12 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fa_cli.alignment import METHODS
+from fa_cli.config import LAUNCH_ONLY
 from fa_cli.files import csv_text, write_csv, write_text
 
 IDENTITY = ("method", "model", "dataset", "seed")  # what names a run; every other override is a setting
-# How a run was started (and where its data lives), not what it computed: runs that differ only in these
-# share a row.
-LAUNCH_ONLY = ("trainer.resume", "trainer.skip_completed", "dataset.root", "trainer.threads")
 LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF", "kp": "KP"}
 HEADER = ("Method", "Test Accuracy", "Loss", "Runs")  # the report's columns, and how many runs
 CSV_FIELDS = [

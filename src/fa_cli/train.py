@@ -43,7 +43,18 @@ from rich.table import Table
 import fa_cli
 from fa_cli import data, distributed, engine, launcher, models
 from fa_cli.alignment import convert
-from fa_cli.config import Abort, ConfigError, DFAConfig, RunConfig, check_sweep_job, describe, validate
+from fa_cli.config import (
+    SAME_RUN_ANYWAY,
+    Abort,
+    ConfigError,
+    DFAConfig,
+    RunConfig,
+    check_cuda,
+    check_sweep_job,
+    describe,
+    flatten,
+    validate,
+)
 from fa_cli.diagnostics import FIELDS as ALIGNMENT_FIELDS
 from fa_cli.diagnostics import Diagnostics
 from fa_cli.eval import attack_accuracies
@@ -60,15 +71,6 @@ EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 130}
 IDENTITY = ("method", "model", "dataset")  # with the seed, what names a run in results and tables
 METRICS = [f.name for f in dataclasses.fields(engine.EpochRecord)]
 FINISHED = ("completed", "diverged")  # outcomes that the same config on the same data would repeat
-# Keys that may differ between a run and the one it resumes or skips: where and how fast it runs, and
-# how it was started, but not what it computes.
-SAME_RUN_ANYWAY = (
-    "dataset.root",
-    "trainer.device",
-    "trainer.threads",
-    "trainer.resume",
-    "trainer.skip_completed",
-)
 
 
 def main() -> None:
@@ -491,15 +493,8 @@ def pick_device(name: str) -> torch.device:
     """``auto`` is CUDA when there is a GPU, else the CPU. Asking for CUDA without it is a config error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
-            message = f"{name} but CUDA is not available ({built}); use trainer.device=cpu or auto"
-            raise ConfigError("trainer.device", message)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError("trainer.device", f"{name} but there are {torch.cuda.device_count()} GPUs")
-    return device
+    check_cuda(name)
+    return torch.device(name)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -588,19 +583,9 @@ def _previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
     """The keys whose values differ, as ``key: before -> now``, ignoring ``SAME_RUN_ANYWAY``; empty
     when the two configs describe the same run. JSON round trips make tuples and lists alike."""
-    old, new = _flatten(json.loads(json.dumps(before))), _flatten(json.loads(json.dumps(now)))
+    old, new = flatten(json.loads(json.dumps(before))), flatten(json.loads(json.dumps(now)))
     keys = sorted(k for k in old.keys() | new.keys() if k not in SAME_RUN_ANYWAY and old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _rng_state(batch_order: torch.Generator) -> dict[str, Any]:
