@@ -1040,6 +1040,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cpu; cuda with --gpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds at their defaults (fa-train fixes them: "
+        "fa_cli.engine.keep_freed_memory)",
+    )
+    p.add_argument(
         "--clock",
         choices=list(CLOCKS),
         default="wall",
@@ -1130,6 +1136,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As fa-train does (fa_cli.engine.keep_freed_memory), unless asked to measure glibc's defaults.
+    kept = False if args.default_malloc else engine.keep_freed_memory()
     global clock
     clock = CLOCKS[args.clock]
     # fa-train's own settings (trainer.deterministic, default true), set before CUDA starts: cuBLAS
@@ -1143,7 +1151,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if output is not None:
         output.write(f"python benchmarks/speed.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n")
     peak = machine(report, device)
-    report.line(f"deterministic kernels: {not args.nondeterministic}; clock: {args.clock}")
+    report.line(
+        f"deterministic kernels: {not args.nondeterministic}; clock: {args.clock}; "
+        f"freed memory kept by malloc: {kept}"
+    )
     started = time.perf_counter()
     sections: dict[str, Callable[[], None]] = {
         "steps": lambda: section_steps(args, report, device),

@@ -99,9 +99,23 @@ def test_the_batch_order_follows_the_generator(splits):
 
 
 @pytest.mark.parametrize("batch_size", [32, 37])  # 37: a shorter last batch
-def test_train_epoch_reports_the_mean_loss_and_accuracy_of_every_example_it_saw(splits, batch_size):
+@pytest.mark.parametrize(
+    "gather_bytes, count_every, refresh",
+    [
+        (engine.GATHER_BYTES, engine.COUNT_EVERY, engine.REFRESH_SECONDS),  # one chunk, one count
+        (3 * 37 * 784 * 4, 4, 0.0),  # chunks of 3 batches, counts every 4 steps and at every refresh
+        (1, 1, 0.0),  # a batch at a time
+    ],
+)
+def test_train_epoch_reports_the_mean_loss_and_accuracy_of_every_example_it_saw(
+    splits, batch_size, gather_bytes, count_every, refresh, monkeypatch
+):
     # With lr=0 the model stays as it is, so the epoch's numbers must be the whole split's: batches are
-    # gathered into reused buffers and per-step numbers stacked at refreshes, and none may be lost.
+    # gathered in chunks into a reused buffer, correct answers counted for several steps at once and
+    # per-step losses stacked at refreshes, and no example may be lost or counted twice.
+    monkeypatch.setattr(engine, "GATHER_BYTES", gather_bytes)
+    monkeypatch.setattr(engine, "COUNT_EVERY", count_every)
+    monkeypatch.setattr(engine, "REFRESH_SECONDS", refresh)
     model, optimizer, _ = setup(lr=0.0)
     reported = []
     loss, accuracy = engine.train_epoch(
@@ -116,6 +130,27 @@ def test_train_epoch_reports_the_mean_loss_and_accuracy_of_every_example_it_saw(
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert accuracy == pytest.approx(expected_accuracy)
     assert reported[-1] == math.ceil(len(splits.train) / batch_size)
+
+
+@pytest.mark.parametrize("gather_bytes", [1, 2 * 32 * 784 * 4, engine.GATHER_BYTES])
+def test_each_step_trains_on_the_rows_its_batch_names(splits, gather_bytes, monkeypatch):
+    # The batch a step sees (inputs and targets) is the split's rows in the generator's order, however
+    # many batches are gathered at once.
+    monkeypatch.setattr(engine, "GATHER_BYTES", gather_bytes)
+    model, optimizer, _ = setup()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    engine.train_epoch(
+        model,
+        optimizer,
+        splits.train,
+        32,
+        torch.Generator().manual_seed(3),
+        on_batch=lambda epoch, step, steps, x, y: seen.append((x.clone(), y.clone())),
+    )
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(3)).split(32)
+    assert len(seen) == len(order)
+    for (x, y), index in zip(seen, order, strict=True):
+        assert torch.equal(x, splits.train.inputs[index]) and torch.equal(y, splits.train.targets[index])
 
 
 def test_huge_but_finite_losses_are_summed_without_overflow(splits):

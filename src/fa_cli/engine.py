@@ -7,9 +7,13 @@ Accuracies are percentages.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import itertools
 import math
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,10 @@ from fa_cli.distributed import SINGLE, World, unwrap
 #: Called with (epoch, step, steps, running loss, running accuracy) at most every REFRESH_SECONDS.
 Progress = Callable[[int, int, int, float, float], None]
 REFRESH_SECONDS = 0.5
+#: About how many bytes of training inputs ``gathered`` fetches at once.
+GATHER_BYTES = 8 << 20
+#: At most how many steps' logits wait to have their correct answers counted.
+COUNT_EVERY = 64
 #: Called with (epoch, step, steps, inputs, targets) before each training step, ``step`` counting the
 #: epoch's updates done so far (from 0): the diagnostics' way in. None, the default, costs nothing.
 BatchHook = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
@@ -37,6 +45,29 @@ class EpochRecord:
     val_accuracy: float | None
     lr: float  # the learning rate this epoch trained with
     seconds: float
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    A training step allocates and frees the same few-megabyte tensors every time (gradients, the
+    sign-concordant rules' ``B``, kp's copy of W's gradient). By default glibc returns such blocks to
+    the kernel once its adaptive thresholds allow (``munmap``, or trimming the heap's top), and the
+    next step then takes a page fault for every 4 KiB it touches again: measured on the 4x1024 MLP,
+    400-900 faults and 4-5 ms of kernel time on a 14 ms step, landing on whichever rule ran first
+    (docs/PERFORMANCE.md). Fixed thresholds keep blocks up to 32 MiB on the heap and the heap's top
+    up to 512 MiB. Process-wide and only where glibc is the C library; True when it took effect.
+    Changes no result, only where memory comes from.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 512 << 20))
 
 
 class Diverged(Exception):
@@ -132,19 +163,20 @@ def train_epoch(
         weights = [len(world.shard(index)) * world.size / len(index) for index in batches]
         batches = [world.shard(index) for index in batches]
     sizes = torch.tensor([len(index) for index in batches], device=device)
-    # Each batch's mean loss and correct count, kept on the device; stacked at each refresh (one op,
-    # instead of an indexed store per step, which on a small model costs a tenth of its step).
+    # The epoch's targets in training order, gathered once; each step's are a slice of them.
+    order_targets = split.targets.index_select(0, torch.cat(list(batches)))
+    ends = list(itertools.accumulate(len(index) for index in batches))  # where each step's slice ends
+    # Each batch's mean loss, kept on the device and stacked at each refresh (one op, instead of an
+    # indexed store per step, which on a small model costs a tenth of its step). Correct answers are
+    # counted for many steps at once from their logits (one argmax instead of three ops per step):
+    # ``pending`` holds the logits not counted yet, ``counted`` how many examples were.
     step_losses: list[torch.Tensor] = []
-    step_correct: list[torch.Tensor] = []
-    # Batches are gathered into two reused buffers (no allocation per step). The model's graph of the
-    # previous step is freed by then; a hook that keeps a batch past its step must clone it.
-    widest = max(len(index) for index in batches)
-    input_buffer = split.inputs.new_empty((widest, *split.inputs.shape[1:]))
-    target_buffer = split.targets.new_empty(widest)
+    correct_counts: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    counted = 0
     last_refresh = time.monotonic()
-    for step, index in enumerate(batches):
-        inputs = torch.index_select(split.inputs, 0, index, out=input_buffer[: len(index)])
-        targets = torch.index_select(split.targets, 0, index, out=target_buffer[: len(index)])
+    for step, (index, inputs) in enumerate(zip(batches, gathered(split, batches, GATHER_BYTES), strict=True)):
+        targets = order_targets[ends[step] - len(index) : ends[step]]
         if shifts is not None:
             inputs = shift_images(inputs, shifts.index_select(0, index), random_shift)
         if on_batch is not None:
@@ -155,11 +187,15 @@ def train_epoch(
         (loss * weights[step] if world.active else loss).backward()
         optimizer.step()
         step_losses.append(loss.detach())
-        step_correct.append((logits.argmax(dim=1) == targets).sum())
+        pending.append(logits.detach())
         last = step == len(batches) - 1
         refresh = last or (progress is not None and time.monotonic() - last_refresh >= REFRESH_SECONDS)
+        if refresh or len(pending) == COUNT_EVERY:
+            answers = torch.cat(pending).argmax(dim=1)
+            correct_counts.append((answers == order_targets[counted : ends[step]]).sum())
+            pending, counted = [], ends[step]
         if refresh:
-            losses, correct = torch.stack(step_losses), torch.stack(step_correct)
+            losses, correct = torch.stack(step_losses), torch.stack(correct_counts).sum()
         if last and world.active:
             # The whole epoch's numbers, summed over the ranks: every rank stops (or goes on) alike.
             losses, correct = world.sum(losses * sizes) / global_sizes, world.sum(correct)
@@ -179,11 +215,32 @@ def train_epoch(
                     bad |= losses[done] > max_loss
                 bad_step = int(torch.nonzero(bad)[0])
                 raise Diverged(epoch, bad_step + 1, losses[bad_step].item(), max_loss)
-            accuracy = 100.0 * correct[done].sum().item() / seen
+            accuracy = 100.0 * correct.item() / seen
             if progress is not None:
                 progress(epoch, step + 1, len(batches), loss_sum / seen, accuracy)
             last_refresh = time.monotonic()
     return loss_sum / seen, accuracy
+
+
+def gathered(split: Split, batches: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """The inputs of each batch of ``split`` (a tensor of row indices each), in order.
+
+    Rows are gathered for many batches at once, about ``chunk_bytes`` of inputs, into one buffer
+    reused for every chunk: one ``index_select`` of a few thousand random rows costs far less than
+    as many small ones between training steps, whose rows' pages then miss the TLB and caches the
+    step has filled (measured on the report's ANN, 2-core CPU: chunks of 4-16 MiB left 12 % of an
+    epoch outside the model's math, a batch at a time 21 %). The batches are views into the buffer, valid
+    until the next chunk is gathered: a hook that keeps one past its step must clone it.
+    """
+    row_bytes = split.inputs[0].numel() * split.inputs.element_size()
+    per_chunk = max(1, chunk_bytes // (row_bytes * max(len(index) for index in batches)))
+    chunks = [batches[first : first + per_chunk] for first in range(0, len(batches), per_chunk)]
+    widest = max(sum(len(index) for index in chunk) for chunk in chunks)
+    buffer = split.inputs.new_empty((widest, *split.inputs.shape[1:]))
+    for chunk in chunks:
+        index = torch.cat(list(chunk))
+        inputs = torch.index_select(split.inputs, 0, index, out=buffer[: len(index)])
+        yield from inputs.split([len(batch) for batch in chunk])
 
 
 @torch.no_grad()

@@ -229,6 +229,7 @@ class Run:
         seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
+        engine.keep_freed_memory()
         shape = data.shape_of(cfg.dataset)
         network = models.build(
             cfg.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
