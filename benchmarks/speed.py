@@ -118,6 +118,7 @@ def build_case(run: RunConfig, device: torch.device) -> Case:
         seed=run.seed,
         scale=run.method.scale,
         dfa_projection=projection,
+        init=run.method.init,
     )
     model.to(device).train()
     return Case(run.method.name, model, build_optimizer(run.optim, model))

@@ -123,6 +123,8 @@ def test_experiment_preset_overrides_groups():
         (["method.name=backprop"], "method.name"),
         (["method.scale=0"], "method.scale"),
         (["method=dfa", "method.projection=diagonal"], "method.projection"),
+        (["method.init=he"], "method.init"),
+        (["model.init=he"], "model.init"),
         (["model=torchvision", "model.name=resnet1"], "model.name"),
         (["model=mlp", "model.activation=swish"], "model.activation"),
         (["model=mlp", "model.widths=[10,0]"], "model.widths[1]"),

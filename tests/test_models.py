@@ -96,3 +96,20 @@ def test_every_rule_trains_every_model(name, method):
     nn.functional.cross_entropy(model(x), y).backward()
     learning = [p for p in model.parameters() if p.requires_grad]
     assert learning and all(p.grad is not None and torch.isfinite(p.grad).all() for p in learning)
+
+
+@pytest.mark.parametrize("name", ["ann", "cnn", "lenet"])
+def test_xavier_init_gives_glorot_weights_and_zero_biases(name):
+    config = CONFIGS[name].__class__(**{**vars(CONFIGS[name]), "init": "xavier"})
+    torch.manual_seed(0)
+    model = models.build(config, in_channels=1, image_size=28, num_classes=10)
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    assert layers
+    for layer in layers:
+        receptive = layer.weight[0][0].numel()
+        bound = (6 / ((layer.weight.shape[0] + layer.weight.shape[1]) * receptive)) ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+        assert torch.count_nonzero(layer.bias) == 0
+    torch.manual_seed(0)
+    default = models.build(CONFIGS[name], in_channels=1, image_size=28, num_classes=10)
+    assert not torch.equal(next(default.parameters()), next(model.parameters()))

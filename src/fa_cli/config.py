@@ -86,6 +86,9 @@ class SyntheticDatasetConfig(DatasetConfig):
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    # default: PyTorch's initialisation of each layer; xavier: Glorot-uniform weights and zero biases
+    # for every Linear and Conv layer (BioTorch's default)
+    init: str = "default"
 
 
 @dataclass
@@ -119,6 +122,7 @@ class TorchvisionConfig(ModelConfig):
 class MethodConfig:
     name: str = MISSING  # the learning rule, one of fa_cli.alignment.METHODS
     scale: float = MISSING  # multiplies the feedback matrices' initial bound
+    init: str = "default"  # default | xavier: the law feedback is drawn from (fa_cli.alignment.feedback)
 
 
 @dataclass
@@ -261,6 +265,7 @@ FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu")
 SCHEDULES = ("none", "step", "multistep", "cosine")
 PROJECTIONS = ("full", "channel")
+INITS = ("default", "xavier")  # model.init and method.init
 ATTACKS = ("none", "fgsm", "pgd")
 # Keys that say how a run was started and where its data lives, not what it computes: summary tables
 # keep runs that differ only in these in one row.
@@ -335,6 +340,7 @@ def _check_dataset(d: FilesDatasetConfig | SyntheticDatasetConfig) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
+    _one_of("model.init", m.init, INITS)
     if isinstance(m, MLPConfig | CNNConfig):
         _one_of("model.activation", m.activation, ACTIVATIONS)
     if isinstance(m, MLPConfig):
@@ -370,6 +376,7 @@ def _check_method(m: MethodConfig) -> None:
 
     _one_of("method.name", m.name, METHODS)
     _positive("method.scale", m.scale)
+    _one_of("method.init", m.init, INITS)
     if isinstance(m, DFAConfig):
         _one_of("method.projection", m.projection, PROJECTIONS)
 

@@ -151,6 +151,12 @@ def build(cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: i
         model = torchvision_model(cfg.name, in_channels, num_classes)
     else:
         raise TypeError(f"no builder for {type(cfg).__name__}")
+    if cfg.init == "xavier":
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     # In training mode, on a copy: some models answer differently when training (auxiliary outputs),
     # and the copy keeps BatchNorm's running statistics of the real model untouched.

@@ -241,6 +241,7 @@ class Run:
             seed=cfg.seed,
             scale=cfg.method.scale,
             dfa_projection=cfg.method.projection if isinstance(cfg.method, DFAConfig) else "full",
+            init=cfg.method.init,
         )
         self.history: list[engine.EpochRecord] = []
         self.selected = Selection()

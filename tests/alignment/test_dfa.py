@@ -205,3 +205,17 @@ def test_hand_written_dfa_layers_train_once_the_model_is_converted():
     model = convert(net, "dfa")
     model(torch.randn(2, 1, 6, 6)).sum().backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("projection", ["full", "channel"])
+def test_xavier_projection_bound_is_glorots_for_the_projections_shape(projection):
+    # (K, *in): fan-in the input's elements (or channels), fan-out K times the receptive field.
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))  # fmt: skip
+    model = convert(net, "dfa", seed=0, dfa_projection=projection, init="xavier")
+    model(torch.randn(2, 1, 12, 12))
+    conv_fans = (8 * 12 * 12, 10 * 12 * 12) if projection == "full" else (8, 10)
+    for layer, (fan_in, fan_out) in ((model[2], conv_fans), (model[5], (8 * 12 * 12, 10))):
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.feedback.abs().max() <= bound
+        assert layer.feedback.abs().max() > 0.9 * bound

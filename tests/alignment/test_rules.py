@@ -248,3 +248,43 @@ def test_exact_gradients_switches_any_rule_back_to_backprop(method):
         F.cross_entropy(model(x), target).backward()
     for p, q in zip(net.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def _glorot(weight: torch.Tensor) -> float:
+    # Written out here, independently of the library: Glorot's bound sqrt(6 / (fan_in + fan_out)).
+    receptive = weight[0][0].numel()
+    return (6.0 / (weight.shape[1] * receptive + weight.shape[0] * receptive)) ** 0.5
+
+
+@pytest.mark.parametrize("method", ["fa", "kp", "usf", "frsf", "brsf"])
+@pytest.mark.parametrize(
+    "layer", [lambda **k: Linear(300, 40, **k), lambda **k: Conv2d(16, 32, 5, **k)], ids=["linear", "conv"]
+)
+def test_xavier_init_draws_feedback_from_glorots_law(method, layer):
+    # BioTorch draws W and B alike from xavier_uniform_; init="xavier" gives B that law, whatever W.
+    for scale in (1.0, 0.5):
+        built = layer(method=method, seed=0, scale=scale, init="xavier")
+        bound = scale * _glorot(built.weight)
+        values = built.feedback
+        if method == "usf":  # one value: the RMS of U(-b, b)
+            torch.testing.assert_close(values, torch.full_like(values, bound / 3**0.5))
+            continue
+        assert values.abs().max() <= bound and values.abs().max() > 0.95 * bound
+        if method in ("frsf", "brsf"):
+            assert values.min() >= 0
+        assert abs(values.abs().mean().item() - bound / 2) < 0.05 * bound
+        assert "init=xavier" in repr(built)
+
+
+def test_brsf_redraws_from_the_xavier_bound_too():
+    layer = Linear(300, 40, method="brsf", seed=0, init="xavier")
+    layer(torch.randn(4, 300, requires_grad=True))
+    bound = _glorot(layer.weight)
+    assert layer.feedback.max() <= bound and layer.feedback.max() > 0.95 * bound
+
+
+def test_an_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="unknown feedback init 'he'"):
+        Linear(3, 2, method="fa", init="he")
+    with pytest.raises(ValueError, match="unknown feedback init"):
+        convert(nn.Linear(3, 2), "fa", init="he")

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fa_cli.alignment.dfa import attach
+from fa_cli.alignment.feedback import check_init
 from fa_cli.alignment.layers import CONVERTIBLE, AlignmentLayer, check_method
 
 
@@ -19,6 +20,7 @@ def convert(
     seed: int | None = None,
     scale: float = 1.0,
     dfa_projection: str = "full",
+    init: str = "default",
 ) -> nn.Module:
     """A copy of ``module`` whose ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers learn with ``method``.
 
@@ -34,6 +36,8 @@ def convert(
         seed: makes every layer's feedback reproducible; layers get independent matrices. ``None``
             draws from the global RNG (so ``torch.manual_seed`` fixes it too).
         scale: multiplies the feedback's initial bound (see :mod:`fa_cli.alignment.feedback`).
+        init: the law feedback is drawn from: ``"default"``, that of PyTorch's default weight
+            initialisation, or ``"xavier"``, Glorot's (BioTorch's). The weights are not touched.
         dfa_projection: dfa on convolutions: ``"full"`` projects the error to every input position,
             ``"channel"`` to one value per channel shared over space (for large feature maps).
 
@@ -42,6 +46,7 @@ def convert(
     ``optimizer.add_param_group({"params": feedback_parameters(model)})``.
     """
     check_method(method)
+    check_init(init)
     model = copy.deepcopy(module)
     layers = [m for m in model.modules() if type(m) in CONVERTIBLE or isinstance(m, AlignmentLayer)]
     if not layers:
@@ -58,7 +63,9 @@ def convert(
         rule = "bp" if method == "shallow" and output_layer else method
         if not isinstance(layer, AlignmentLayer):
             layer.__class__ = CONVERTIBLE[type(layer)]  # same module, same parameters: a rule-aware class
-        layer.setup_rule(rule, scale=scale, seed=seeds[i], num_classes=num_classes, projection=dfa_projection)
+        layer.setup_rule(
+            rule, scale=scale, seed=seeds[i], num_classes=num_classes, projection=dfa_projection, init=init
+        )
         if method == "shallow" and output_layer:
             layer.requires_grad_(True)
     return model

@@ -25,6 +25,12 @@ reaches every layer with the size backprop gives it through one linear layer, ho
 times backprop's). For
 the input of the output layer it is fa's distribution, as it must be: with one hidden layer fa and
 dfa are the same rule. ``scale`` multiplies every bound.
+
+``init="xavier"`` draws every feedback matrix from Glorot's ``U(-b, b)``, ``b = sqrt(6 / (fan_in +
+fan_out))`` of the matrix's own shape, as ``nn.init.xavier_uniform_`` would (BioTorch's default, for
+its weights and feedback alike): for a weight-shaped ``B`` the fans are the weight's, for a dfa matrix
+``(num_classes, *in)`` they are ``n`` and ``num_classes`` times the receptive field. usf's value and
+the ``|R|`` laws follow from that ``B`` as above.
 """
 
 from __future__ import annotations
@@ -38,17 +44,39 @@ from torch import Tensor
 WEIGHT_SHAPED = ("fa", "kp", "usf", "frsf", "brsf")
 #: Rules whose feedback is ``sign(W)`` times a stored magnitude.
 SIGN_CONCORDANT = ("usf", "frsf", "brsf")
+#: How feedback matrices are drawn: the law of the weight's default initialisation, or Glorot's.
+INITS = ("default", "xavier")
 
 
-def weight_bound(weight: Tensor, scale: float) -> float:
-    """Bound of ``U(-b, b)`` that PyTorch's default initialisation draws this weight from, times scale."""
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise ValueError(f"unknown feedback init {init!r}; choose one of: {', '.join(INITS)}")
+    return init
+
+
+def _xavier_bound(shape: tuple[int, ...]) -> float:
+    # nn.init.xavier_uniform_'s bound for a tensor of this shape: dim 1 (and on) is fan-in, dim 0
+    # fan-out, each times the receptive field (the dims after the first two).
+    receptive = math.prod(shape[2:])
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def weight_bound(weight: Tensor, scale: float, init: str = "default") -> float:
+    """Bound of ``U(-b, b)`` that ``B`` is drawn from, times scale: PyTorch's default initialisation of
+    this weight, or (``init="xavier"``) Glorot's."""
+    if init == "xavier":
+        return scale * _xavier_bound(tuple(weight.shape))
     fan_in = weight[0].numel()  # in_features, or in_channels / groups * prod(kernel_size)
     return scale / math.sqrt(fan_in)
 
 
-def direct_bound(input_numel: int, scale: float) -> float:
-    """Bound of the dfa projection's entries for a layer whose input has ``input_numel`` elements per
-    example: that of a fresh linear layer from this input to the output."""
+def direct_bound(shape: tuple[int, ...], input_numel: int, scale: float, init: str = "default") -> float:
+    """Bound of the entries of a dfa projection of ``shape`` ``(num_classes, *in)`` for a layer whose
+    input has ``input_numel`` elements per example: by default that of a fresh linear layer from this
+    input to the output; with ``init="xavier"``, Glorot's for a tensor of ``shape``."""
+    if init == "xavier":
+        return scale * _xavier_bound(shape)
     return scale / math.sqrt(input_numel)
 
 
@@ -58,9 +86,11 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.G
     return torch.empty(shape).uniform_(low, high, generator=generator)
 
 
-def initial_feedback(method: str, weight: Tensor, scale: float, generator: torch.Generator | None) -> Tensor:
+def initial_feedback(
+    method: str, weight: Tensor, scale: float, generator: torch.Generator | None, init: str = "default"
+) -> Tensor:
     """The ``feedback`` buffer a weight-shaped rule starts with (see the table above)."""
-    bound = weight_bound(weight, scale)
+    bound = weight_bound(weight, scale, init)
     shape = tuple(weight.shape)
     if method in ("fa", "kp"):
         values = _uniform(shape, -bound, bound, generator)
@@ -80,20 +110,22 @@ def initial_direct_feedback(
     scale: float,
     generator: torch.Generator | None,
     like: Tensor,
+    init: str = "default",
 ) -> Tensor:
     """A dfa projection ``(num_classes, *shape)`` from the output error to a layer's input of
     ``input_numel`` elements per example (``shape`` is the input's, or its channels alone)."""
-    bound = direct_bound(input_numel, scale)
-    values = _uniform((num_classes, *shape), -bound, bound, generator)
+    full_shape = (num_classes, *shape)
+    bound = direct_bound(full_shape, input_numel, scale, init)
+    values = _uniform(full_shape, -bound, bound, generator)
     return values.to(device=like.device, dtype=like.dtype)
 
 
-def redraw_magnitude(feedback: Tensor, weight: Tensor, scale: float) -> None:
+def redraw_magnitude(feedback: Tensor, weight: Tensor, scale: float, init: str = "default") -> None:
     """brsf: a fresh ``|R|`` for this batch, in place, from the global RNG (so ``torch.manual_seed``
     makes training reproducible and checkpoints of the RNG state resume it exactly)."""
     # On the CPU this is bound by the generator: about 2.5 ms of one core per million draws (numpy's
     # SFC64, seeded from torch, was tried: 1.95 ms plus seeding and a scaling pass, no faster in all).
-    feedback.uniform_(0.0, weight_bound(weight, scale))
+    feedback.uniform_(0.0, weight_bound(weight, scale, init))
 
 
 def effective(method: str, weight: Tensor, feedback: Tensor) -> Tensor:

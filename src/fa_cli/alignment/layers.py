@@ -51,15 +51,18 @@ class AlignmentLayer:
         seed: int | None = None,
         num_classes: int | None = None,
         projection: str = "full",
+        init: str = "default",
     ) -> None:
         """(Re)configure the rule. ``seed`` fixes this layer's feedback; ``None`` draws a seed from
-        the global RNG, so ``torch.manual_seed`` still makes it reproducible."""
+        the global RNG, so ``torch.manual_seed`` still makes it reproducible. ``scale`` and ``init``
+        say how the feedback is drawn (see :mod:`fa_cli.alignment.feedback`)."""
         if projection not in PROJECTIONS:
             raise ValueError(
                 f"unknown dfa projection {projection!r}; choose one of: {', '.join(PROJECTIONS)}"
             )
         self.method = check_method(method)
         self.scale = float(scale)
+        self.init = fb.check_init(init)
         self.feedback_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.num_classes = num_classes
         self.projection = projection
@@ -72,7 +75,7 @@ class AlignmentLayer:
         """Draw the feedback again from the layer's seed (dfa's is drawn at the next forward)."""
         feedback = None
         if self.method in fb.WEIGHT_SHAPED:
-            feedback = fb.initial_feedback(self.method, self.weight, self.scale, self._generator())
+            feedback = fb.initial_feedback(self.method, self.weight, self.scale, self._generator(), self.init)
         if "feedback" in self._buffers:  # type: ignore[attr-defined]
             self.feedback = feedback
         else:
@@ -100,7 +103,7 @@ class AlignmentLayer:
             # plus brsf's draws). kp's B is the buffer itself, which still receives W's gradient.
             return self.feedback
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
-            fb.redraw_magnitude(self.feedback, self.weight, self.scale)
+            fb.redraw_magnitude(self.feedback, self.weight, self.scale, self.init)
         return fb.effective(self.method, self.weight, self.feedback)
 
     def _direct_ticket(self, input: Tensor) -> Projection | None:
@@ -118,7 +121,7 @@ class AlignmentLayer:
         wanted = (current.state.num_classes, *(shape[:1] if channel else shape))
         if self.feedback is None:
             self.feedback = fb.initial_direct_feedback(
-                wanted[0], wanted[1:], shape.numel(), self.scale, self._generator(), like=self.weight
+                wanted[0], wanted[1:], shape.numel(), self.scale, self._generator(), self.weight, self.init
             )
         elif tuple(self.feedback.shape) != wanted:
             raise RuntimeError(
@@ -140,6 +143,8 @@ class AlignmentLayer:
         text = f"method={self.method}"
         if self.method not in ("bp", "shallow") and self.scale != 1.0:
             text += f", scale={self.scale:g}"
+        if self.method not in ("bp", "shallow") and self.init != "default":
+            text += f", init={self.init}"
         if self.method == "dfa" and self.projection != "full":
             text += f", projection={self.projection}"
         return text
@@ -159,9 +164,10 @@ class Linear(AlignmentLayer, nn.Linear):
         method: str = "fa",
         scale: float = 1.0,
         seed: int | None = None,
+        init: str = "default",
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self.setup_rule(method, scale=scale, seed=seed)
+        self.setup_rule(method, scale=scale, seed=seed, init=init)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._uses_rule():
@@ -183,10 +189,16 @@ class _ConvNd(AlignmentLayer):
     _reversed_padding_repeated_twice: list[int]
 
     def __init__(
-        self, *args: Any, method: str = "fa", scale: float = 1.0, seed: int | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        method: str = "fa",
+        scale: float = 1.0,
+        seed: int | None = None,
+        init: str = "default",
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)  # the nn.ConvNd next in the MRO: same arguments as PyTorch's
-        self.setup_rule(method, scale=scale, seed=seed)
+        self.setup_rule(method, scale=scale, seed=seed, init=init)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._uses_rule():
