@@ -273,9 +273,11 @@ def provenance(runs: list[dict[str, Any]]) -> list[str]:
     started = sorted(str(r.get("started_at")) for r in runs if r.get("started_at"))
     finished = sorted(str(r.get("finished_at")) for r in runs if r.get("finished_at"))
     lines = [f"- Command: {command(runs)}"]
-    for machine in sorted({m for r in runs if (m := machine_file(r["_folder"]))}):
-        lines += [f"- `{machine.name}`, written with the runs:", "", "  ```"]
-        lines += [f"  {line}" for line in machine.read_text().strip().splitlines()] + ["  ```", ""]
+    # Several sweep folders may hold copies of one machine.txt: each text is shown once.
+    texts = {m.read_text().strip() for r in runs if (m := machine_file(r["_folder"]))}
+    for text in sorted(texts):
+        lines += ["- `machine.txt`, written with the runs:", "", "  ```"]
+        lines += [f"  {line}" for line in text.splitlines()] + ["  ```", ""]
     complete = (
         "all completed" if epochs and min(done) == max(epochs) else f"{min(done)}–{max(done)} completed"
     )
