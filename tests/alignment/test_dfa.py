@@ -219,3 +219,16 @@ def test_xavier_projection_bound_is_glorots_for_the_projections_shape(projection
         bound = (6 / (fan_in + fan_out)) ** 0.5
         assert layer.feedback.abs().max() <= bound
         assert layer.feedback.abs().max() > 0.9 * bound
+
+
+def test_the_first_layer_runs_pytorchs_backward_and_still_has_its_projection():
+    # Its input needs no gradient: its weight gradient is backprop's, computed by PyTorch's own
+    # backward; its projection is still made, so the state_dict has the same keys and shapes.
+    model = convert(_mlp(), "dfa", seed=0)
+    kinds = []
+    model[0].register_forward_hook(lambda module, args, out: kinds.append(type(out.grad_fn).__name__))
+    model[2].register_forward_hook(lambda module, args, out: kinds.append(type(out.grad_fn).__name__))
+    model(torch.randn(5, 8)).sum().backward()
+    assert "Direct" not in kinds[0] and "Direct" in kinds[1]
+    assert model[0].feedback is not None and model[0].feedback.shape == (3, 8)
+    assert model[0].weight.grad is not None

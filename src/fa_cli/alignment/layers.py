@@ -94,6 +94,17 @@ class AlignmentLayer:
     def _uses_rule(self) -> bool:
         return self.method not in ("bp", "shallow") and rules_active()
 
+    def _sends_no_error(self, input: Tensor) -> bool:
+        """True when no error goes to this input (the first layer): every rule's weight and bias
+        gradients are then backprop's, so PyTorch's own backward computes them, in C++ rather than
+        through a Python ``autograd.Function``. kp still runs its Function (B gets W's gradient),
+        and dfa still makes its projection, so that the state_dict is the same either way."""
+        if input.requires_grad or self.method == "kp":
+            return False
+        if self.method == "dfa":
+            self._direct_ticket(input)
+        return True
+
     def _step_feedback(self, input: Tensor) -> Tensor:
         """The effective ``B`` for this forward (brsf draws new magnitudes for each training batch)."""
         assert self.feedback is not None
@@ -170,7 +181,7 @@ class Linear(AlignmentLayer, nn.Linear):
         self.setup_rule(method, scale=scale, seed=seed, init=init)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self._uses_rule():
+        if not self._uses_rule() or self._sends_no_error(input):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
@@ -201,7 +212,7 @@ class _ConvNd(AlignmentLayer):
         self.setup_rule(method, scale=scale, seed=seed, init=init)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self._uses_rule():
+        if not self._uses_rule() or self._sends_no_error(input):
             return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined]
         input, padding = self._padded(input)
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
