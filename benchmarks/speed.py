@@ -154,6 +154,15 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": t
 clock = CLOCKS["wall"]
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far (0 where getrusage is not available)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
     sync(device)
     start = clock()
@@ -312,9 +321,13 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
         estimate = min(timed(lambda c=first: train_step(c, inputs, targets), device) for _ in range(3))
         block = max(1, math.ceil(args.min_sample / estimate))
 
-        def run(case: Case, n: int = block) -> None:
+        faults = dict.fromkeys(cases, 0)  # minor page faults taken by each rule's timed steps
+
+        def run(case: Case, n: int = block, faults: dict[str, int] = faults) -> None:
+            before = minor_faults()
             for _ in range(n):
                 train_step(case, inputs, targets)
+            faults[case.method] += minor_faults() - before
 
         runs = {m: (lambda c=case: run(c)) for m, case in cases.items()}
         samples = interleaved(runs, args.reps, device, seed=args.seed)
@@ -331,13 +344,15 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
                     spread(values),
                     f"{args.batch_size / median:,.0f}",
                     ratio(ratios[m]) if ratios else "-",
+                    f"{faults[m] / (args.reps * block):.0f}",
                 ]
             )
         report.table(
             f"{name} ({parameters:,} parameters): one training step, batch {args.batch_size}, {device}",
-            ["method", "ms/step", "spread", "examples/s", "× bp (IQR)"],
+            ["method", "ms/step", "spread", "examples/s", "× bp (IQR)", "page faults/step"],
             rows,
-            note=f"median of {args.reps} interleaved rounds of {block} step(s); spread = IQR/2 of the median",
+            note=f"median of {args.reps} interleaved rounds of {block} step(s); spread = IQR/2 of the "
+            "median; page faults: the process's minor faults (getrusage) in the rule's timed steps, per step",
         )
         del cases
         gc.collect()
