@@ -53,9 +53,9 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same few-megabyte tensors every time (gradients, the
     sign-concordant rules' ``B``, kp's copy of W's gradient). By default glibc returns such blocks to
     the kernel once its adaptive thresholds allow (``munmap``, or trimming the heap's top), and the
-    next step then takes a page fault for every 4 KiB it touches again: measured on the 4x1024 MLP,
-    400-900 faults and 4-5 ms of kernel time on a 14 ms step, landing on whichever rule ran first
-    (docs/PERFORMANCE.md). Fixed thresholds keep blocks up to 32 MiB on the heap and the heap's top
+    next step then takes a page fault for every 4 KiB it touches again (on the 4x1024 MLP up to 339
+    faults per step with glibc's defaults, 0-102 with these: docs/PERFORMANCE.md, third round).
+    Fixed thresholds keep blocks up to 32 MiB on the heap and the heap's top
     up to 512 MiB. Process-wide and only where glibc is the C library; True when it took effect.
     Changes no result, only where memory comes from.
     """
@@ -228,9 +228,10 @@ def gathered(split: Split, batches: Sequence[torch.Tensor], chunk_bytes: int) ->
     Rows are gathered for many batches at once, about ``chunk_bytes`` of inputs, into one buffer
     reused for every chunk: one ``index_select`` of a few thousand random rows costs far less than
     as many small ones between training steps, whose rows' pages then miss the TLB and caches the
-    step has filled (measured on the report's ANN, 2-core CPU: chunks of 4-16 MiB left 12 % of an
-    epoch outside the model's math, a batch at a time 21 %). The batches are views into the buffer, valid
-    until the next chunk is gathered: a hook that keeps one past its step must clone it.
+    step has filled (with the batched counting in ``train_epoch``, this took the ANN's epoch outside
+    the model's math from 11.7-15.5 % to 1-10 %: docs/PERFORMANCE.md, third round). The batches are
+    views into the buffer, valid until the next chunk is gathered: a hook that keeps one past its
+    step must clone it.
     """
     row_bytes = split.inputs[0].numel() * split.inputs.element_size()
     per_chunk = max(1, chunk_bytes // (row_bytes * max(len(index) for index in batches)))

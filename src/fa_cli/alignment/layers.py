@@ -91,14 +91,15 @@ class AlignmentLayer:
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.feedback_seed)
 
-    def _uses_rule(self) -> bool:
-        return self.method not in ("bp", "shallow") and rules_active()
-
-    def _sends_no_error(self, input: Tensor) -> bool:
-        """True when no error goes to this input (the first layer): every rule's weight and bias
-        gradients are then backprop's, so PyTorch's own backward computes them, in C++ rather than
-        through a Python ``autograd.Function``. kp still runs its Function (B gets W's gradient),
-        and dfa still makes its projection, so that the state_dict is the same either way."""
+    def _backprop_suffices(self, input: Tensor) -> bool:
+        """True when PyTorch's own forward and backward give exactly this rule's gradients: for bp and
+        shallow; without autograd (evaluation, ``exact_gradients``); and where no error goes to the
+        input (the first layer), since every rule's weight and bias gradients are then backprop's,
+        computed in C++ rather than through a Python ``autograd.Function`` -- except kp's, whose B
+        still receives W's gradient. A dfa layer still makes its projection there, so that the
+        state_dict is the same either way."""
+        if self.method in ("bp", "shallow") or not rules_active():
+            return True
         if input.requires_grad or self.method == "kp":
             return False
         if self.method == "dfa":
@@ -108,10 +109,8 @@ class AlignmentLayer:
     def _step_feedback(self, input: Tensor) -> Tensor:
         """The effective ``B`` for this forward (brsf draws new magnitudes for each training batch)."""
         assert self.feedback is not None
-        if not (input.requires_grad and torch.is_grad_enabled()):
-            # No error will be sent to this input (the first layer, or no autograd at all), so B is
-            # never read: skip building it (a pass over the weights for the sign-concordant rules,
-            # plus brsf's draws). kp's B is the buffer itself, which still receives W's gradient.
+        if not input.requires_grad:
+            # kp's first layer: B is never read, but the buffer itself still receives W's gradient.
             return self.feedback
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
             fb.redraw_magnitude(self.feedback, self.weight, self.scale, self.init)
@@ -181,7 +180,7 @@ class Linear(AlignmentLayer, nn.Linear):
         self.setup_rule(method, scale=scale, seed=seed, init=init)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self._uses_rule() or self._sends_no_error(input):
+        if self._backprop_suffices(input):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
@@ -212,7 +211,7 @@ class _ConvNd(AlignmentLayer):
         self.setup_rule(method, scale=scale, seed=seed, init=init)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self._uses_rule() or self._sends_no_error(input):
+        if self._backprop_suffices(input):
             return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined]
         input, padding = self._padded(input)
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
