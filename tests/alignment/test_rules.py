@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fa_cli.alignment import Conv1d, Conv2d, Linear, convert, exact_gradients, feedback_parameters
+from fa_cli.alignment.feedback import SIGN_CONCORDANT
 from fa_cli.alignment.metrics import angle
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -152,7 +153,26 @@ def test_brsf_redraws_magnitudes_every_batch_and_frsf_keeps_them(method, changes
         layer(x).sum().backward()
         seen.append(layer.feedback.clone())
     assert (not torch.equal(seen[0], seen[1])) == changes
-    assert bool((seen[0] >= 0).all())
+    # the buffer is the matrix the error went through: W's signs, the rule's magnitudes
+    assert torch.equal(seen[1], torch.copysign(seen[1], layer.weight.detach()))
+
+
+@pytest.mark.parametrize("method", ["usf", "frsf", "brsf"])
+def test_two_forwards_then_one_backward_send_each_error_through_its_own_matrix(method):
+    # The signs are given in place; a second forward must neither break the first one's graph nor
+    # change the matrix it sends its error through (brsf: each batch its own draw).
+    torch.manual_seed(0)
+    layer = Linear(20, 10, method=method, seed=0)
+    x1, x2 = (torch.randn(4, 20, requires_grad=True) for _ in range(2))
+    out1 = layer(x1)
+    matrix1 = layer.feedback.clone()
+    out2 = layer(x2)
+    matrix2 = layer.feedback.clone()
+    delta1, delta2 = torch.randn_like(out1), torch.randn_like(out2)
+    ((out1 * delta1).sum() + (out2 * delta2).sum()).backward()
+    torch.testing.assert_close(x1.grad, delta1 @ matrix1)
+    torch.testing.assert_close(x2.grad, delta2 @ matrix2)
+    assert (not torch.equal(matrix1, matrix2)) == (method == "brsf")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -163,7 +183,7 @@ def test_brsf_magnitudes_follow_the_global_seed_and_are_uniform_up_to_the_bound(
     def draw(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
         layer(x)
-        return layer.feedback.clone()
+        return layer.feedback.abs()
 
     first, again, other = draw(1), draw(1), draw(2)
     assert torch.equal(first, again) and not torch.equal(first, other)
@@ -186,7 +206,7 @@ def test_a_layer_whose_input_needs_no_gradient_builds_no_feedback(method, conv, 
     upstream = torch.randn_like(layer(x))
     feedback_before = layer.feedback.clone()
     calls = []
-    monkeypatch.setattr(torch, "copysign", lambda *a, **k: calls.append("copysign"))
+    monkeypatch.setattr(torch.Tensor, "copysign_", lambda *a, **k: calls.append("copysign"))
     rng_before = torch.get_rng_state()
     layer.zero_grad()
     out = layer(x)
@@ -269,12 +289,12 @@ def test_xavier_init_draws_feedback_from_glorots_law(method, layer):
         built = layer(method=method, seed=0, scale=scale, init="xavier")
         bound = scale * _glorot(built.weight)
         values = built.feedback
+        if method in SIGN_CONCORDANT:  # W's signs from the start, the rule's magnitudes
+            assert torch.equal(values, torch.copysign(values, built.weight.detach()))
         if method == "usf":  # one value: the RMS of U(-b, b)
-            torch.testing.assert_close(values, torch.full_like(values, bound / 3**0.5))
+            torch.testing.assert_close(values.abs(), torch.full_like(values, bound / 3**0.5))
             continue
         assert values.abs().max() <= bound and values.abs().max() > 0.95 * bound
-        if method in ("frsf", "brsf"):
-            assert values.min() >= 0
         assert abs(values.abs().mean().item() - bound / 2) < 0.05 * bound
         assert "init=xavier" in repr(built)
 
@@ -283,7 +303,8 @@ def test_brsf_redraws_from_the_xavier_bound_too():
     layer = Linear(300, 40, method="brsf", seed=0, init="xavier")
     layer(torch.randn(4, 300, requires_grad=True))
     bound = _glorot(layer.weight)
-    assert layer.feedback.max() <= bound and layer.feedback.max() > 0.95 * bound
+    magnitudes = layer.feedback.abs()
+    assert magnitudes.max() <= bound and magnitudes.max() > 0.95 * bound
 
 
 def test_an_unknown_init_is_refused():

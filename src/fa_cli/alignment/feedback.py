@@ -7,11 +7,16 @@ rule      ``feedback`` holds           matrix the error goes through (``effectiv
 ========  ===========================  =================================================  ==========
 fa        ``B``, weight's shape        ``B``                                              never
 kp        ``B``, weight's shape        ``B``                                              W's update
-usf       magnitude, all one value     ``sign(W) * feedback``                             sign(W)
-frsf      ``|R|``, weight's shape      ``sign(W) * feedback``                             sign(W)
-brsf      ``|R|``, weight's shape      ``sign(W) * feedback``, ``|R|`` redrawn per batch  every step
+usf       ``sign(W) * m``, one ``m``   ``sign(W) * |feedback|``                           sign(W)
+frsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``                           sign(W)
+brsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``, ``|R|`` drawn per batch  every step
 dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedback``     never
 ========  ===========================  =================================================  ==========
+
+The sign-concordant rules keep the matrix itself, signs and all, and only its magnitudes are
+theirs: every training forward that sends an error down gives ``feedback`` the signs of ``W`` in
+place (see :mod:`fa_cli.alignment.functional`), so the buffer is the matrix the last error went
+through, and ``effective`` is the one for ``W`` as it is now.
 
 Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
@@ -100,7 +105,8 @@ def initial_feedback(
         values = torch.full(shape, bound / math.sqrt(3.0))  # RMS of U(-b, b)
     else:
         raise ValueError(f"{method!r} has no weight-shaped feedback")
-    return values.to(device=weight.device, dtype=weight.dtype)
+    values = values.to(device=weight.device, dtype=weight.dtype)
+    return values.copysign_(weight.detach()) if method in SIGN_CONCORDANT else values
 
 
 def initial_direct_feedback(
@@ -120,18 +126,20 @@ def initial_direct_feedback(
     return values.to(device=like.device, dtype=like.dtype)
 
 
-def redraw_magnitude(feedback: Tensor, weight: Tensor, scale: float, init: str = "default") -> None:
-    """brsf: a fresh ``|R|`` for this batch, in place, from the global RNG (so ``torch.manual_seed``
-    makes training reproducible and checkpoints of the RNG state resume it exactly)."""
+def drawn_magnitudes(weight: Tensor, scale: float, init: str = "default") -> Tensor:
+    """brsf: a fresh ``|R|`` for this batch, a new tensor like ``weight``, from the global RNG (so
+    ``torch.manual_seed`` makes training reproducible and checkpoints of the RNG state resume it
+    exactly). A new tensor, not the buffer overwritten: a graph that still holds the last batch's
+    matrix (two forwards, one backward) keeps it."""
     # On the CPU this is bound by the generator: about 2.5 ms of one core per million draws (numpy's
     # SFC64, seeded from torch, was tried: 1.95 ms plus seeding and a scaling pass, no faster in all).
-    feedback.uniform_(0.0, weight_bound(weight, scale, init))
+    return torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(
+        0.0, weight_bound(weight, scale, init)
+    )
 
 
 def effective(method: str, weight: Tensor, feedback: Tensor) -> Tensor:
     """The matrix a weight-shaped rule sends errors through, for the weight as it is now."""
     if method in SIGN_CONCORDANT:
-        # copysign is sign(W) * feedback in one pass (for a weight of exactly 0 it keeps the sign
-        # bit of that zero instead of giving 0), several times faster than the product on CPU.
         return torch.copysign(feedback, weight.detach())
     return feedback

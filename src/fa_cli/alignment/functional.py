@@ -9,6 +9,7 @@ replaces the third:
 
 - feedback alignment and its relatives (fa, usf, brsf, frsf, kp): ``dL/dy = delta B`` with a
   feedback matrix ``B`` of the weight's shape (the report's ``B_{i+1}`` in place of ``W_{i+1}^T``);
+  for the sign-concordant ones the forward first gives ``B`` the signs of ``W``;
 - direct feedback alignment (dfa): ``dL/dy = e B_dfa``, the output error ``e`` projected straight to
   the layer's input. That projection is computed once for all layers by :mod:`fa_cli.alignment.dfa`,
   so the backward here only looks it up: no ``delta W`` work is done at all.
@@ -50,18 +51,37 @@ def _accumulate_feedback_grad(feedback: Tensor, grad_weight: Tensor | None) -> N
     feedback.grad = grad_weight.clone() if feedback.grad is None else feedback.grad + grad_weight
 
 
+def _take_signs(feedback: Tensor, weight: Tensor) -> None:
+    # usf, frsf, brsf: B = sign(W) * |B|, one copysign pass (for a weight of exactly 0 it keeps the
+    # sign bit of that zero instead of giving 0). Done after the forward has read W, which is then
+    # still in cache, and in place, so no new matrix is written: half the cost of a fresh copysign
+    # before the forward (docs/PERFORMANCE.md, fourth round). Through .data, so that the version
+    # autograd checks does not move: a graph of an earlier forward that saved this same buffer (two
+    # forwards, one backward) stays valid, and so do its values, which change only when W does.
+    feedback.data.copysign_(weight.data)
+
+
 class LinearFeedback(Function):
     """``F.linear`` whose input gradient is ``delta @ B`` instead of ``delta @ W``."""
 
     @staticmethod
     def forward(
-        ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, trains_feedback: bool
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        feedback: Tensor,
+        trains_feedback: bool,
+        sign_concordant: bool,
     ) -> Tensor:
         # input (*, in), weight (out, in), bias (out,), feedback (out, in) -> output (*, out)
         ctx.save_for_backward(input, feedback)
         ctx.has_bias = bias is not None
         ctx.trains_feedback = trains_feedback
-        return F.linear(input, weight, bias)
+        output = F.linear(input, weight, bias)
+        if sign_concordant:
+            _take_signs(feedback, weight)
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
@@ -71,7 +91,7 @@ class LinearFeedback(Function):
         grad_weight, grad_bias = _linear_param_grads(ctx, grad_output, input, ctx.has_bias)
         if ctx.trains_feedback:
             _accumulate_feedback_grad(feedback, grad_weight)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 class LinearDirect(Function):
@@ -115,6 +135,7 @@ class ConvFeedback(Function):
         dilation: tuple[int, ...],
         groups: int,
         trains_feedback: bool,
+        sign_concordant: bool,
     ) -> Tensor:
         # input (N, C_in, *S), weight (C_out, C_in / groups, *K), feedback like weight
         # -> output (N, C_out, *S_out)
@@ -122,7 +143,10 @@ class ConvFeedback(Function):
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.trains_feedback = trains_feedback
-        return _CONV[input.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
+        output = _CONV[input.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
+        if sign_concordant:
+            _take_signs(feedback, weight)
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
@@ -137,7 +161,7 @@ class ConvFeedback(Function):
         )  # fmt: skip
         if ctx.trains_feedback:
             _accumulate_feedback_grad(feedback, grad_weight)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class ConvDirect(Function):

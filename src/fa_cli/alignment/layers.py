@@ -82,7 +82,7 @@ class AlignmentLayer:
             self.register_buffer("feedback", feedback)  # type: ignore[attr-defined]
 
     def effective_feedback(self) -> Tensor | None:
-        """The matrix errors go through now: ``B`` (fa, kp), ``sign(W) * feedback`` (usf, frsf,
+        """The matrix errors go through now: ``B`` (fa, kp), ``sign(W) * |feedback|`` (usf, frsf,
         brsf), the projection ``(num_classes, *input)`` (dfa), or None (bp, shallow)."""
         if self.feedback is None:
             return None
@@ -106,15 +106,18 @@ class AlignmentLayer:
             self._direct_ticket(input)
         return True
 
-    def _step_feedback(self, input: Tensor) -> Tensor:
-        """The effective ``B`` for this forward (brsf draws new magnitudes for each training batch)."""
-        assert self.feedback is not None
-        if not input.requires_grad:
-            # kp's first layer: B is never read, but the buffer itself still receives W's gradient.
-            return self.feedback
+    def _step_feedback(self) -> Tensor:
+        """The ``feedback`` this forward sends errors through: brsf draws new magnitudes for each
+        training batch; the sign-concordant rules' signs are W's once the Function has run."""
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
-            fb.redraw_magnitude(self.feedback, self.weight, self.scale, self.init)
-        return fb.effective(self.method, self.weight, self.feedback)
+            self.feedback = fb.drawn_magnitudes(self.weight, self.scale, self.init)
+        assert self.feedback is not None
+        return self.feedback
+
+    def _rule_flags(self) -> tuple[bool, bool]:
+        """What the feedback Functions do besides sending the error through B: train B (kp), give B
+        the signs of W (usf, frsf, brsf)."""
+        return self.method == "kp", self.method in fb.SIGN_CONCORDANT
 
     def _direct_ticket(self, input: Tensor) -> Projection | None:
         """dfa: make sure this layer has its projection, and ask the running pass for a slice."""
@@ -184,8 +187,7 @@ class Linear(AlignmentLayer, nn.Linear):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
-        feedback = self._step_feedback(input)
-        return LinearFeedback.apply(input, self.weight, self.bias, feedback, self.method == "kp")
+        return LinearFeedback.apply(input, self.weight, self.bias, self._step_feedback(), *self._rule_flags())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._rule_repr()}"
@@ -218,7 +220,7 @@ class _ConvNd(AlignmentLayer):
         if self.method == "dfa":
             return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
         return ConvFeedback.apply(
-            input, self.weight, self.bias, self._step_feedback(input), *conf, self.method == "kp"
+            input, self.weight, self.bias, self._step_feedback(), *conf, *self._rule_flags()
         )
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
