@@ -46,6 +46,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,7 +383,7 @@ OP_KINDS = {
         "aten::_fused_sgd_",
         "aten::_fused_adam_",
     ),
-    "copysign (sign-concordant B)": ("aten::copysign",),
+    "copysign (sign-concordant B)": ("aten::copysign", "aten::copysign_"),
     "random numbers (brsf)": ("aten::uniform_", "aten::random_", "aten::randint", BRSF_DRAW),
     "copies (kp: clone of W's grad)": ("aten::copy_", "aten::clone"),
     "rule's Python (autograd.Function)": tuple(
@@ -397,19 +398,19 @@ def profile_step(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> dic
     """Milliseconds per step in each kind of op: the self time torch.profiler records per op name."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    draw = feedback.redraw_magnitude
+    draw = feedback.drawn_magnitudes
 
-    def labelled_draw(*args: Any) -> None:
+    def labelled_draw(*args: Any) -> Tensor:
         with record_function(BRSF_DRAW):
-            draw(*args)
+            return draw(*args)
 
-    feedback.redraw_magnitude = labelled_draw
+    feedback.drawn_magnitudes = labelled_draw
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 train_step(case, inputs, targets)
     finally:
-        feedback.redraw_magnitude = draw
+        feedback.drawn_magnitudes = draw
     kinds = {name: kind for kind, names in OP_KINDS.items() for name in names}
     totals: dict[str, float] = {kind: 0.0 for kind in [*OP_KINDS, "other"]}
     for event in prof.key_averages():
@@ -475,6 +476,20 @@ def sfc64_draw(out: Tensor, bound: float) -> None:
     out.mul_(bound)
 
 
+def threaded_draw(out: Tensor, bound: float, pool: ThreadPoolExecutor) -> None:
+    """U(0, bound) into ``out`` in two halves at once, each from a generator seeded from torch's: the
+    parallel brsf draw the fourth round tried (uniform_ releases the GIL); kept here so it can be rerun."""
+    seeds = torch.randint(0, 2**62, (2,)).tolist()
+    halves = out.view(-1).chunk(2)
+
+    def draw(i: int) -> None:
+        halves[i].uniform_(0.0, bound, generator=torch.Generator().manual_seed(seeds[i]))
+
+    other = pool.submit(draw, 1)
+    draw(0)
+    other.result()
+
+
 def section_parts(args: argparse.Namespace, report: Report, device: torch.device) -> None:
     """Each per-step cost the second round of fixes changed, timed the old way and the new way on the
     4x1024 MLP's tensors (and the ANN's batches), interleaved as elsewhere. Small, isolated timings
@@ -495,6 +510,9 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         return torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused)
 
     loop, fused = sgd(None), sgd(True)
+    pool = ThreadPoolExecutor(1)
+    hidden = weights[1]  # 1024 x 1024
+    activations = torch.randn(args.batch_size, hidden.shape[1], device=device)
     images = torch.randn(60_000, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (60_000,), device=device)
     steps = 100
@@ -542,6 +560,18 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             "SFC64 (tried, not adopted)",
             lambda: sfc64_draw(draws, 0.1),
         ),
+        "brsf's magnitudes, 1M draws after a 1024x1024 matmul as in a step (ms): one thread, or two": (
+            "uniform_",
+            lambda: (activations.mm(hidden.t()), draws.uniform_(0.0, 0.1)),
+            "two halves on two threads (tried, not adopted)",
+            lambda: (activations.mm(hidden.t()), threaded_draw(draws, 0.1, pool)),
+        ),
+        "the same without the matmul (ms)": (
+            "uniform_",
+            lambda: draws.uniform_(0.0, 0.1),
+            "two halves on two threads",
+            lambda: threaded_draw(draws, 0.1, pool),
+        ),
         "SGD step with momentum, all 3.96M parameters (ms)": (
             "for-loop",
             loop.step,
@@ -573,7 +603,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         q = paired_ratios(samples, "old")["new"]
         rows.append([what, f"{old_name}: {old_ms:.3f}", f"{new_name}: {new_ms:.3f}", ratio(q)])
     report.table(
-        f"What the second round changed, old way against new, {device}",
+        f"What the second and fourth rounds changed or tried, old way against new, {device}",
         ["part", "old", "new", "new / old (IQR)"],
         rows,
         note=f"median of {rounds} interleaved rounds each; ratios are medians of per-round ratios.",
