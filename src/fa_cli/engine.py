@@ -147,36 +147,39 @@ def train_epoch(
     each direction, a new one per epoch."""
     model.train()
     device = split.targets.device
-    batches = torch.randperm(len(split), generator=generator).to(device).split(batch_size)
+    permutation = torch.randperm(len(split), generator=generator).to(device)
+    batches = permutation.split(batch_size)
     # Drawn on the host for the whole epoch and moved once, as the order is: no per-step transfer.
     shifts = (
         torch.randint(-random_shift, random_shift + 1, (len(split), 2), generator=generator).to(device)
         if random_shift
         else None
     )
-    if len(batches) > 1 and len(batches[-1]) < world.min_batch():
+    if len(batches) > 1 and batches[-1].shape[0] < world.min_batch():
         batches = batches[:-1]  # BatchNorm cannot train on a single example (per rank under torchrun)
-    global_sizes = torch.tensor([len(index) for index in batches], device=device)
+    global_sizes = torch.tensor([index.shape[0] for index in batches], device=device)
     if world.active:
         # Each rank takes its shard of every batch and weights its mean loss by the shard's share, so
         # that DDP's average of the ranks' gradients is the gradient of the whole batch's mean loss.
-        weights = [len(world.shard(index)) * world.size / len(index) for index in batches]
+        weights = [world.shard(index).shape[0] * world.size / index.shape[0] for index in batches]
         batches = [world.shard(index) for index in batches]
-    sizes = torch.tensor([len(index) for index in batches], device=device)
-    # The epoch's targets in training order, gathered once; each step's are a slice of them.
-    order_targets = split.targets.index_select(0, torch.cat(list(batches)))
-    ends = list(itertools.accumulate(len(index) for index in batches))  # where each step's slice ends
-    # Each batch's mean loss, kept on the device and stacked at each refresh (one op, instead of an
-    # indexed store per step, which on a small model costs a tenth of its step). Correct answers are
-    # counted for many steps at once from their logits (one argmax instead of three ops per step):
-    # ``pending`` holds the logits not counted yet, ``counted`` how many examples were.
+    # Sizes and offsets as Python ints (a tensor's len() costs microseconds, per step), and the epoch's
+    # examples in training order, once: each step's targets are a slice of their targets, and
+    # ``gathered`` fetches the inputs of many steps at once from a slice of ``order``.
+    lengths = [index.shape[0] for index in batches]
+    ends = list(itertools.accumulate(lengths))
+    sizes = torch.tensor(lengths, device=device)
+    # (Under torchrun the shards are not one run of the permutation: they are concatenated.)
+    order = torch.cat(list(batches)) if world.active else permutation[: ends[-1]]
+    order_targets = split.targets.index_select(0, order)
     step_losses: list[torch.Tensor] = []
     correct_counts: list[torch.Tensor] = []
     pending: list[torch.Tensor] = []
     counted = 0
     last_refresh = time.monotonic()
-    for step, (index, inputs) in enumerate(zip(batches, gathered(split, batches, GATHER_BYTES), strict=True)):
-        targets = order_targets[ends[step] - len(index) : ends[step]]
+    steps = zip(batches, gathered(split, order, lengths, GATHER_BYTES), strict=True)
+    for step, (index, inputs) in enumerate(steps):
+        targets = order_targets[ends[step] - lengths[step] : ends[step]]
         if shifts is not None:
             inputs = shift_images(inputs, shifts.index_select(0, index), random_shift)
         if on_batch is not None:
@@ -222,8 +225,11 @@ def train_epoch(
     return loss_sum / seen, accuracy
 
 
-def gathered(split: Split, batches: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """The inputs of each batch of ``split`` (a tensor of row indices each), in order.
+def gathered(
+    split: Split, order: torch.Tensor, lengths: Sequence[int], chunk_bytes: int
+) -> Iterator[torch.Tensor]:
+    """The inputs of each batch of ``split``, in order: the batches are consecutive runs of ``lengths``
+    rows of ``order`` (row indices).
 
     Rows are gathered for many batches at once, about ``chunk_bytes`` of inputs, into one buffer
     reused for every chunk: one ``index_select`` of a few thousand random rows costs far less than
@@ -234,14 +240,15 @@ def gathered(split: Split, batches: Sequence[torch.Tensor], chunk_bytes: int) ->
     step must clone it.
     """
     row_bytes = split.inputs[0].numel() * split.inputs.element_size()
-    per_chunk = max(1, chunk_bytes // (row_bytes * max(len(index) for index in batches)))
-    chunks = [batches[first : first + per_chunk] for first in range(0, len(batches), per_chunk)]
-    widest = max(sum(len(index) for index in chunk) for chunk in chunks)
+    per_chunk = max(1, chunk_bytes // (row_bytes * max(lengths)))
+    bounds = [0, *itertools.accumulate(lengths)]
+    chunks = [(first, min(first + per_chunk, len(lengths))) for first in range(0, len(lengths), per_chunk)]
+    widest = max(bounds[last] - bounds[first] for first, last in chunks)
     buffer = split.inputs.new_empty((widest, *split.inputs.shape[1:]))
-    for chunk in chunks:
-        index = torch.cat(list(chunk))
+    for first, last in chunks:
+        index = order[bounds[first] : bounds[last]]
         inputs = torch.index_select(split.inputs, 0, index, out=buffer[: len(index)])
-        yield from inputs.split([len(batch) for batch in chunk])
+        yield from inputs.split(lengths[first:last])
 
 
 @torch.no_grad()
