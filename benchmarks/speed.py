@@ -16,7 +16,8 @@ biotorch  BioTorch's training path (its MNIST DataLoader and ``biotorch.training
           ``Trainer.run`` epoch (validation, checkpoints, TensorBoard).
 sweep     MLPs of widths 256-4096 and depths 2-8 for bp, fa and dfa: how each rule's step grows.
 overhead  the real ``fa-train`` run (Hydra, progress bar, metrics.csv, checkpoints) under the
-          pyinstrument sampling profiler: the share of each epoch spent outside the model's math.
+          py-spy sampling profiler (from outside the process, so the run is not slowed): the share
+          of each epoch spent outside the model's math.
 
 Every model is built the way ``fa-train`` builds it (``conf/`` composed by Hydra, ``fa_cli.models``,
 ``fa_cli.alignment.convert``, ``fa_cli.optim``): SGD, lr 0.01, momentum 0.9 unless overridden.
@@ -26,7 +27,7 @@ Every model is built the way ``fa-train`` builds it (``conf/`` composed by Hydra
     python benchmarks/speed.py --sections steps --models cnn mlp --reps 60
     python benchmarks/speed.py --sections steps epoch --device cuda --epoch-models ann cnn
 
-BioTorch (``biotorch``) and pyinstrument are benchmark-only dependencies; their sections are skipped
+BioTorch (``biotorch``) and py-spy are benchmark-only dependencies; their sections are skipped
 with a note when they are not installed. See docs/PERFORMANCE.md for the install line.
 """
 
@@ -40,7 +41,9 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -944,124 +947,135 @@ def section_sweep(args: argparse.Namespace, report: Report, device: torch.device
 
 # --- overhead: the real fa-train under a sampling profiler ---------------------------------------
 
-#: Frames that are the model's math: module calls, the loss, backward, the optimizer.
+#: Frames that are the model's math: module calls, the loss, backward, the optimizer. (file, function
+#: names as py-spy prints them, None for any function of the file)
 MATH_FRAMES = (
-    ("torch/nn/modules/module.py", ("_wrapped_call_impl", "_call_impl")),
+    ("torch/nn/modules/module.py", ("Module._wrapped_call_impl", "Module._call_impl")),
     ("torch/nn/functional.py", ("cross_entropy",)),
-    ("torch/_tensor.py", ("backward",)),
+    ("torch/_tensor.py", ("Tensor.backward",)),
     ("torch/autograd/__init__.py", ("backward",)),
     ("torch/optim/optimizer.py", None),
-    # Optimizer.zero_grad runs inside torch._disable_dynamo's wrapper, a frame named "inner".
-    ("torch/_compile.py", ("inner",)),
+    # Optimizer.zero_grad runs inside torch._disable_dynamo's wrapper.
+    ("torch/_compile.py", None),
     ("torch/optim/sgd.py", None),
     ("torch/optim/adam.py", None),
+    ("torch/optim/adamw.py", None),
 )
 #: What fa_cli.train does once per epoch besides engine.fit (metrics.csv, model selection, checkpoint,
 #: log line, early stopping): the names of the functions its epoch loop calls.
 PER_EPOCH = ("end_epoch", "patience_ran_out", "write_csv", "offer", "save_checkpoint", "info", "_epoch_line")
 
 
-def is_math(frame: Any) -> bool:
-    path = (frame.file_path or "").replace("\\", "/")
-    return any(
-        path.endswith(file) and (names is None or frame.function in names) for file, names in MATH_FRAMES
-    )
+def frame_parts(frame: str) -> tuple[str, str]:
+    """``"Module._call_impl (torch/nn/modules/module.py:1794)"`` -> (function, file)."""
+    function, _, where = frame.rpartition(" (")
+    return function, where.rsplit(":", 1)[0]
 
 
-def split_time(frame: Any, buckets: dict[str, float], label: str) -> None:
-    """Add ``frame``'s time to ``buckets``: math frames to 'math', everything else to the bucket named by
-    the nearest enclosing fa-cli function of interest (``label``)."""
-    if is_math(frame):
-        buckets["math"] = buckets.get("math", 0.0) + frame.time
-        return
-    if frame.function == "update" and (frame.class_name or "") == "ProgressBar":
-        label = "progress bar"
-    elif frame.function == "evaluate" and frame.file_path.endswith("fa_cli/engine.py"):
-        label = "validation (outside the model call)"
-    own = frame.time - sum(child.time for child in frame.children)
-    buckets[label] = buckets.get(label, 0.0) + own
-    for child in frame.children:
-        split_time(child, buckets, label)
+def is_math(function: str, path: str) -> bool:
+    return any(path.endswith(file) and (names is None or function in names) for file, names in MATH_FRAMES)
 
 
-def is_engine_fit(frame: Any) -> bool:
-    return frame.function == "fit" and (frame.file_path or "").endswith("fa_cli/engine.py")
+def is_engine_fit(function: str, path: str) -> bool:
+    return function == "fit" and path.endswith("fa_cli/engine.py")
 
 
-def epoch_loops(frame: Any) -> list[Any]:
-    """The frames whose code runs ``for record in engine.fit(...)``: the parents of engine.fit's frames
-    (a generator's frame shows up under the function that advances it)."""
-    if any(is_engine_fit(child) for child in frame.children):
-        return [frame]
-    return [owner for child in frame.children for owner in epoch_loops(child)]
+def epoch_loop(stacks: list[list[tuple[str, str]]]) -> tuple[str, str] | None:
+    """The frame whose code runs ``for record in engine.fit(...)``: engine.fit's caller."""
+    for parts in stacks:
+        for caller, frame in zip(parts, parts[1:], strict=False):
+            if is_engine_fit(*frame):
+                return caller
+    return None
+
+
+def epoch_part(parts: list[tuple[str, str]], loop: tuple[str, str]) -> str | None:
+    """Which part of an epoch one sampled stack (outermost frame first) is in, or None outside the epochs
+    (Hydra, model, data load, final test, plots: once per run)."""
+    fit = next((i for i, frame in enumerate(parts) if is_engine_fit(*frame)), None)
+    if fit is None:  # in the epoch loop, the per-epoch work is in its PER_EPOCH calls
+        at = parts.index(loop) if loop in parts else None
+        called = parts[at + 1][0].rsplit(".", 1)[-1] if at is not None and at + 1 < len(parts) else None
+        return "metrics.csv, checkpoint, log (train.py)" if called in PER_EPOCH else None
+    label = "batches, metrics, epoch loop (engine)"
+    for function, path in parts[fit + 1 :]:
+        if is_math(function, path):
+            return "math"
+        if function == "ProgressBar.update":
+            label = "progress bar"
+        elif function == "evaluate" and path.endswith("fa_cli/engine.py"):
+            label = "validation (outside the model call)"
+    return label
+
+
+def py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")  # installed into this environment
+    return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
 def section_overhead(args: argparse.Namespace, report: Report, device: torch.device) -> None:
-    try:
-        from pyinstrument import Profiler
-    except ImportError:
-        report.line("overhead: pyinstrument is not installed, section skipped (pip install pyinstrument)")
+    spy = py_spy()
+    if spy is None:
+        report.line("overhead: py-spy is not installed, section skipped (pip install py-spy)")
         return
-    import fa_cli.train
-
     for name in args.overhead_models:
+        overrides = [
+            *MODELS[name],
+            f"dataset.root={args.data_root}",
+            f"trainer.epochs={args.overhead_epochs}",
+            f"trainer.batch_size={args.batch_size}",
+            f"trainer.device={device}",
+            *([f"dataset.subset={args.subset}"] if args.subset else []),
+        ]
         with tempfile.TemporaryDirectory() as run_dir:
-            argv = [
-                "fa-train",
-                *MODELS[name],
-                f"dataset.root={args.data_root}",
-                f"trainer.epochs={args.overhead_epochs}",
-                f"trainer.batch_size={args.batch_size}",
-                f"trainer.device={device}",
-                f"hydra.run.dir={run_dir}",
-                *([f"dataset.subset={args.subset}"] if args.subset else []),
-            ]
-            saved_argv, sys.argv = sys.argv, argv
-            profiler = Profiler(interval=0.0005)
-            profiler.start()
-            try:
-                with contextlib.suppress(SystemExit):
-                    fa_cli.train.main()
-            finally:
-                profiler.stop()
-                sys.argv = saved_argv
-        root = profiler.last_session.root_frame()
-        buckets: dict[str, float] = {}
-        for loop in epoch_loops(root):
-            for child in loop.children:
-                if is_engine_fit(child):
-                    split_time(child, buckets, "batches, metrics, epoch loop (engine)")
-                elif child.function in PER_EPOCH:
-                    split_time(child, buckets, "metrics.csv, checkpoint, log (train.py)")
+            samples = Path(run_dir) / "samples.txt"
+            command = [spy, "record", "--nonblocking", "--rate", str(args.overhead_rate), "--format", "raw"]
+            command += ["--output", str(samples), "--", sys.executable, "-m", "fa_cli.train"]
+            command += [*overrides, f"hydra.run.dir={run_dir}/run"]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0 or not samples.exists():
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                report.line(f"overhead: py-spy could not profile fa-train ({last}); section skipped")
+                return
+            counted = []
+            for line in samples.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                counted.append(([frame_parts(frame) for frame in stack.split(";")], int(count)))
+        total = sum(count for _, count in counted)
+        loop = epoch_loop([parts for parts, _ in counted])
+        buckets: dict[str, int] = {}
+        for parts, count in counted:
+            if loop is not None and (part := epoch_part(parts, loop)) is not None:
+                buckets[part] = buckets.get(part, 0) + count
         epoch_total = sum(buckets.values())
         if not epoch_total:
             report.line(f"overhead: no engine.fit frames in the profile of {name}; has fa_cli.train changed?")
             continue
-        startup = root.time - epoch_total  # Hydra, config, model, data load, final test, results table
-        outside = epoch_total - buckets.get("math", 0.0)
-        epochs = args.overhead_epochs
+        per_epoch_ms = 1e3 / args.overhead_rate / args.overhead_epochs
+        outside = epoch_total - buckets.get("math", 0)
         rows = [
-            [label, f"{1e3 * seconds / epochs:.1f}", f"{100 * seconds / epoch_total:.1f}%"]
-            for label, seconds in sorted(buckets.items(), key=lambda kv: (kv[0] != "math", -kv[1]))
+            [label, f"{count * per_epoch_ms:.1f}", f"{100 * count / epoch_total:.1f}%"]
+            for label, count in sorted(buckets.items(), key=lambda kv: (kv[0] != "math", -kv[1]))
         ]
         rows.append(
             [
                 "outside the model's math, total",
-                f"{1e3 * outside / epochs:.1f}",
+                f"{outside * per_epoch_ms:.1f}",
                 f"{100 * outside / epoch_total:.1f}%",
             ]
         )
         report.table(
-            f"{name}: where an epoch of the real fa-train run goes ({device}, pyinstrument)",
+            f"{name}: where an epoch of the real fa-train run goes ({device}, py-spy)",
             ["part of the epoch", "ms/epoch", "share"],
             rows,
             note=(
-                f"fa-train {' '.join(a for a in argv[1:] if not a.startswith('hydra.'))}, "
-                "profiled in-process by pyinstrument "
-                f"(0.5 ms sampling, main thread); {epochs} epoch(s), averaged. math = time inside the model "
-                "call, cross_entropy, backward and the optimizer's step/zero_grad (training and validation); "
-                "everything else in engine.fit and in train.py's per-epoch work is outside. The rest of the "
-                f"run (Hydra, model, data load, final test): {startup:.2f} s, once per run, not counted."
+                f"fa-train {' '.join(overrides)}, sampled from outside the process by py-spy "
+                f"({args.overhead_rate} Hz, main thread, idle time left out); {args.overhead_epochs} "
+                f"epoch(s), averaged; {epoch_total:,} of {total:,} samples fell in the epochs. math = "
+                "samples inside the model call, cross_entropy, backward and the optimizer's step/zero_grad "
+                "(training and validation); every other sample in engine.fit, and in train.py's per-epoch "
+                "work, is outside. The rest of the run (Hydra, model, data load, final test, plots) is "
+                "once per run and not counted."
                 + (
                     " On a GPU the host waits for the queued kernels where the engine reads the loss "
                     "(.item()), so GPU time shows up there as 'outside': read the epoch table's "
@@ -1122,6 +1136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-budget", type=float, default=6.0, help="seconds of timed rounds per network")
     p.add_argument("--overhead-models", nargs="+", choices=list(MODELS), default=["ann", "cnn"])
     p.add_argument("--overhead-epochs", type=int, default=3)
+    p.add_argument("--overhead-rate", type=int, default=1000, help="py-spy samples per second")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of rich ones")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: few rounds, small data")
     p.add_argument(
