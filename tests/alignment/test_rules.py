@@ -138,7 +138,12 @@ def test_sign_concordant_feedback_follows_the_sign_of_w(method):
     signs = torch.sign(layer.weight.detach()).clone()
     for _ in range(3):  # large steps flip some signs
         opt.zero_grad()
-        layer(torch.randn(16, 20)).pow(2).sum().backward()
+        x = torch.randn(16, 20, requires_grad=True)
+        out = layer(x)
+        out.pow(2).sum().backward()
+        # the error went through sign(W) * |B| for W as it is now, and the buffer holds that matrix
+        torch.testing.assert_close(x.grad, 2 * out.detach() @ layer.effective_feedback())
+        assert torch.equal(layer.feedback, layer.effective_feedback())
         opt.step()
         assert torch.equal(torch.sign(layer.effective_feedback()), torch.sign(layer.weight.detach()))
     assert not torch.equal(signs, torch.sign(layer.weight.detach()))
@@ -159,15 +164,15 @@ def test_brsf_redraws_magnitudes_every_batch_and_frsf_keeps_them(method, changes
 
 @pytest.mark.parametrize("method", ["usf", "frsf", "brsf"])
 def test_two_forwards_then_one_backward_send_each_error_through_its_own_matrix(method):
-    # The signs are given in place; a second forward must neither break the first one's graph nor
-    # change the matrix it sends its error through (brsf: each batch its own draw).
+    # The signs are given in place, in the backward; a second forward must neither break the first
+    # one's graph nor change the matrix it sends its error through (brsf: each batch its own draw).
     torch.manual_seed(0)
     layer = Linear(20, 10, method=method, seed=0)
     x1, x2 = (torch.randn(4, 20, requires_grad=True) for _ in range(2))
     out1 = layer(x1)
-    matrix1 = layer.feedback.clone()
+    matrix1 = layer.effective_feedback().clone()
     out2 = layer(x2)
-    matrix2 = layer.feedback.clone()
+    matrix2 = layer.effective_feedback().clone()
     delta1, delta2 = torch.randn_like(out1), torch.randn_like(out2)
     ((out1 * delta1).sum() + (out2 * delta2).sum()).backward()
     torch.testing.assert_close(x1.grad, delta1 @ matrix1)

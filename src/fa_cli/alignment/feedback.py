@@ -14,9 +14,9 @@ dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedb
 ========  ===========================  =================================================  ==========
 
 The sign-concordant rules keep the matrix itself, signs and all, and only its magnitudes are
-theirs: every training forward that sends an error down gives ``feedback`` the signs of ``W`` in
-place (see :mod:`fa_cli.alignment.functional`), so the buffer is the matrix the last error went
-through, and ``effective`` is the one for ``W`` as it is now.
+theirs: every backward that sends an error through ``feedback`` first gives it the signs of ``W``,
+in place (see :mod:`fa_cli.alignment.functional`), so after a step the buffer is the matrix the last
+error went through, and ``effective`` is the one for ``W`` as it is now.
 
 Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the

@@ -9,7 +9,7 @@ replaces the third:
 
 - feedback alignment and its relatives (fa, usf, brsf, frsf, kp): ``dL/dy = delta B`` with a
   feedback matrix ``B`` of the weight's shape (the report's ``B_{i+1}`` in place of ``W_{i+1}^T``);
-  for the sign-concordant ones the forward first gives ``B`` the signs of ``W``;
+  for the sign-concordant ones the backward first gives ``B`` the signs of ``W``;
 - direct feedback alignment (dfa): ``dL/dy = e B_dfa``, the output error ``e`` projected straight to
   the layer's input. That projection is computed once for all layers by :mod:`fa_cli.alignment.dfa`,
   so the backward here only looks it up: no ``delta W`` work is done at all.
@@ -53,11 +53,12 @@ def _accumulate_feedback_grad(feedback: Tensor, grad_weight: Tensor | None) -> N
 
 def _take_signs(feedback: Tensor, weight: Tensor) -> None:
     # usf, frsf, brsf: B = sign(W) * |B|, one copysign pass (for a weight of exactly 0 it keeps the
-    # sign bit of that zero instead of giving 0). Done after the forward has read W, which is then
-    # still in cache, and in place, so no new matrix is written: half the cost of a fresh copysign
-    # before the forward (docs/PERFORMANCE.md, fourth round). Through .data, so that the version
-    # autograd checks does not move: a graph of an earlier forward that saved this same buffer (two
-    # forwards, one backward) stays valid, and so do its values, which change only when W does.
+    # sign bit of that zero instead of giving 0). Done in place, so no new matrix is written, and in
+    # the backward right before the matmul reads B, which then finds it in cache: together about half
+    # the cost of a fresh copysign before the forward (docs/PERFORMANCE.md, fourth round). Through
+    # .data, so that the version autograd checks does not move: a graph of an earlier forward that
+    # saved this same buffer (two forwards, one backward) stays valid, and so do its values, which
+    # change only when W does.
     feedback.data.copysign_(weight.data)
 
 
@@ -78,14 +79,14 @@ class LinearFeedback(Function):
         ctx.save_for_backward(input, feedback)
         ctx.has_bias = bias is not None
         ctx.trains_feedback = trains_feedback
-        output = F.linear(input, weight, bias)
-        if sign_concordant:
-            _take_signs(feedback, weight)
-        return output
+        ctx.signs_of = weight if sign_concordant else None  # W as it is at backward time
+        return F.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
+        if ctx.signs_of is not None and ctx.needs_input_grad[0]:
+            _take_signs(feedback, ctx.signs_of)
         # (*, out) @ (out, in) -> (*, in): the error goes down through B, not W.
         grad_input = grad_output.matmul(feedback) if ctx.needs_input_grad[0] else None
         grad_weight, grad_bias = _linear_param_grads(ctx, grad_output, input, ctx.has_bias)
@@ -143,15 +144,15 @@ class ConvFeedback(Function):
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.trains_feedback = trains_feedback
-        output = _CONV[input.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
-        if sign_concordant:
-            _take_signs(feedback, weight)
-        return output
+        ctx.signs_of = weight if sign_concordant else None  # W as it is at backward time
+        return _CONV[input.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
+        if ctx.signs_of is not None and ctx.needs_input_grad[0]:
+            _take_signs(feedback, ctx.signs_of)
         # One fused call: the input gradient is computed with B in the weight's place; the weight
         # and bias gradients depend only on the input and grad_output, so they are the usual ones.
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]

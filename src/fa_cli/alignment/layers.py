@@ -108,7 +108,7 @@ class AlignmentLayer:
 
     def _step_feedback(self) -> Tensor:
         """The ``feedback`` this forward sends errors through: brsf draws new magnitudes for each
-        training batch; the sign-concordant rules' signs are W's once the Function has run."""
+        training batch; the sign-concordant rules' backward gives it W's signs before using it."""
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
             self.feedback = fb.drawn_magnitudes(self.weight, self.scale, self.init)
         assert self.feedback is not None
