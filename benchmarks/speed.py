@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import gc
 import io
 import math
@@ -1040,7 +1041,13 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             counted = []
             for line in samples.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
+                if not count.isdigit():  # a blank line
+                    continue
                 counted.append(([frame_parts(frame) for frame in stack.split(";")], int(count)))
+            # The run's own clock for its epochs (train + validation), to turn sample shares into ms:
+            # py-spy does not keep its nominal rate exactly when it does not pause the process.
+            with open(Path(run_dir) / "run" / "metrics.csv", encoding="utf-8") as metrics:
+                epoch_seconds = statistics.mean(float(row["seconds"]) for row in csv.DictReader(metrics))
         total = sum(count for _, count in counted)
         loop = epoch_loop([parts for parts, _ in counted])
         buckets: dict[str, int] = {}
@@ -1051,7 +1058,7 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
         if not epoch_total:
             report.line(f"overhead: no engine.fit frames in the profile of {name}; has fa_cli.train changed?")
             continue
-        per_epoch_ms = 1e3 / args.overhead_rate / args.overhead_epochs
+        per_epoch_ms = 1e3 * epoch_seconds / epoch_total  # a part's samples -> its ms per epoch
         outside = epoch_total - buckets.get("math", 0)
         rows = [
             [label, f"{count * per_epoch_ms:.1f}", f"{100 * count / epoch_total:.1f}%"]
@@ -1071,7 +1078,8 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             note=(
                 f"fa-train {' '.join(overrides)}, sampled from outside the process by py-spy "
                 f"({args.overhead_rate} Hz, main thread, idle time left out); {args.overhead_epochs} "
-                f"epoch(s), averaged; {epoch_total:,} of {total:,} samples fell in the epochs. math = "
+                f"epoch(s), averaged ({1e3 * epoch_seconds:.0f} ms an epoch by the run's metrics.csv); "
+                f"{epoch_total:,} of {total:,} samples fell in the epochs. math = "
                 "samples inside the model call, cross_entropy, backward and the optimizer's step/zero_grad "
                 "(training and validation); every other sample in engine.fit, and in train.py's per-epoch "
                 "work, is outside. The rest of the run (Hydra, model, data load, final test, plots) is "
