@@ -131,8 +131,9 @@ def drawn_magnitudes(weight: Tensor, scale: float, init: str = "default") -> Ten
     ``torch.manual_seed`` makes training reproducible and checkpoints of the RNG state resume it
     exactly). A new tensor, not the buffer overwritten: a graph that still holds the last batch's
     matrix (two forwards, one backward) keeps it."""
-    # On the CPU this is bound by the generator: about 2.5 ms of one core per million draws (numpy's
-    # SFC64, seeded from torch, was tried: 1.95 ms plus seeding and a scaling pass, no faster in all).
+    # On the CPU this is bound by the generator: about 2.4 ms of one core per million draws, which no
+    # other exact sampler tried beats by enough to matter (numpy's SFC64: 0.78 of it; drawing on two
+    # threads: no faster beside OpenMP's spinning workers; docs/PERFORMANCE.md, fourth round).
     return torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(
         0.0, weight_bound(weight, scale, init)
     )
