@@ -495,8 +495,9 @@ def threaded_draw(out: Tensor, bound: float, pool: ThreadPoolExecutor) -> None:
 
 
 def section_parts(args: argparse.Namespace, report: Report, device: torch.device) -> None:
-    """Each per-step cost the second round of fixes changed, timed the old way and the new way on the
-    4x1024 MLP's tensors (and the ANN's batches), interleaved as elsewhere. Small, isolated timings
+    """Each per-step cost the second round of fixes changed, and the alternatives the rounds tried
+    (marked "tried, not adopted"), timed against the way kept on the 4x1024 MLP's tensors (and the
+    ANN's batches), interleaved as elsewhere. Small, isolated timings
     that stay readable on a loaded machine, where whole-step ratios move by several percent."""
     if device.type != "cpu":
         report.line("parts: CPU only (the changes it times are CPU costs)")

@@ -146,7 +146,7 @@ def test_impossible_recipe_values_name_their_key(override, key):
 def test_presets_fix_the_model_and_recipe_for_every_method(preset, method, dataset):
     run = make(f"experiment={preset}", f"method={method}", f"dataset={dataset}")
     assert run.method.name == method and run.dataset.name == dataset
-    assert run.model.name == "lenet" if preset.startswith("biotorch_lenet") else preset.split("_")[1]
+    assert run.model.name == ("lenet" if preset.startswith("biotorch_lenet") else preset.split("_")[1])
     if preset.startswith("biotorch_lenet"):
         assert run.trainer.epochs <= 20  # the budget, against BioTorch's 100
     # A preset is a whole recipe: what it sets does not depend on the group defaults of the moment.

@@ -157,8 +157,8 @@ def train_epoch(
     )
     if len(batches) > 1 and batches[-1].shape[0] < world.min_batch():
         batches = batches[:-1]  # BatchNorm cannot train on a single example (per rank under torchrun)
-    global_sizes = torch.tensor([index.shape[0] for index in batches], device=device)
     if world.active:
+        global_sizes = torch.tensor([index.shape[0] for index in batches], device=device)
         # Each rank takes its shard of every batch and weights its mean loss by the shard's share, so
         # that DDP's average of the ranks' gradients is the gradient of the whole batch's mean loss.
         weights = [world.shard(index).shape[0] * world.size / index.shape[0] for index in batches]
@@ -239,7 +239,8 @@ def gathered(
     reused for every chunk: one ``index_select`` of a few thousand random rows costs far less than
     as many small ones between training steps, whose rows' pages then miss the TLB and caches the
     step has filled (with the batched counting in ``train_epoch``, this took the ANN's epoch outside
-    the model's math from 11.7-15.5 % to 1-10 %: docs/PERFORMANCE.md, third round). The batches are
+    the model's math from 11.7-15.5 % to 1-10 % on the machine of docs/PERFORMANCE.md's third round;
+    what is left is mostly this gather's reads, as its fourth round measures). The batches are
     views into the buffer, valid until the next chunk is gathered: a hook that keeps one past its
     step must clone it.
     """

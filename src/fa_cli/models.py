@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from fa_cli.alignment.layers import CONVERTIBLE
 from fa_cli.config import (
     CNNConfig,
     ConfigError,
@@ -153,7 +154,7 @@ def build(cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: i
         raise TypeError(f"no builder for {type(cfg).__name__}")
     if cfg.init == "xavier":
         for layer in model.modules():
-            if isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            if isinstance(layer, tuple(CONVERTIBLE)):  # the layers a rule can train
                 nn.init.xavier_uniform_(layer.weight)
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)

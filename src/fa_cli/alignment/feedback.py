@@ -15,8 +15,8 @@ dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedb
 
 The sign-concordant rules keep the matrix itself, signs and all, and only its magnitudes are
 theirs: every backward that sends an error through ``feedback`` first gives it the signs of ``W``,
-in place (see :mod:`fa_cli.alignment.functional`), so after a step the buffer is the matrix the last
-error went through, and ``effective`` is the one for ``W`` as it is now.
+in place (:func:`take_signs`, called by :mod:`fa_cli.alignment.functional`), so after a step the
+buffer is the matrix the last error went through, and ``effective`` is the one for ``W`` as it is now.
 
 Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
@@ -106,7 +106,9 @@ def initial_feedback(
     else:
         raise ValueError(f"{method!r} has no weight-shaped feedback")
     values = values.to(device=weight.device, dtype=weight.dtype)
-    return values.copysign_(weight.detach()) if method in SIGN_CONCORDANT else values
+    if method in SIGN_CONCORDANT:
+        take_signs(values, weight)
+    return values
 
 
 def initial_direct_feedback(
@@ -137,6 +139,18 @@ def drawn_magnitudes(weight: Tensor, scale: float, init: str = "default") -> Ten
     return torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(
         0.0, weight_bound(weight, scale, init)
     )
+
+
+def take_signs(feedback: Tensor, weight: Tensor) -> None:
+    """usf, frsf, brsf: ``feedback`` becomes ``sign(W) * |feedback|``, in place, in one copysign pass
+    (for a weight of exactly 0 it keeps the sign bit of that zero instead of giving 0).
+
+    The backward calls it right before its matmul reads ``feedback``, which then finds it in cache,
+    and no new matrix is written: about half the cost of a fresh copysign before the forward
+    (docs/PERFORMANCE.md, fourth round). It writes through ``.data``, so that the version autograd
+    checks does not move: a graph of an earlier forward that saved this same buffer (two forwards,
+    one backward) stays valid, and so do its values, which change only when W does."""
+    feedback.data.copysign_(weight.data)
 
 
 def effective(method: str, weight: Tensor, feedback: Tensor) -> Tensor:

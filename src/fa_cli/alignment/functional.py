@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from fa_cli.alignment.feedback import take_signs
+
 if TYPE_CHECKING:
     from fa_cli.alignment.dfa import Projection
 
@@ -49,17 +51,6 @@ def _accumulate_feedback_grad(feedback: Tensor, grad_weight: Tensor | None) -> N
     if grad_weight is None:
         return
     feedback.grad = grad_weight.clone() if feedback.grad is None else feedback.grad + grad_weight
-
-
-def _take_signs(feedback: Tensor, weight: Tensor) -> None:
-    # usf, frsf, brsf: B = sign(W) * |B|, one copysign pass (for a weight of exactly 0 it keeps the
-    # sign bit of that zero instead of giving 0). Done in place, so no new matrix is written, and in
-    # the backward right before the matmul reads B, which then finds it in cache: together about half
-    # the cost of a fresh copysign before the forward (docs/PERFORMANCE.md, fourth round). Through
-    # .data, so that the version autograd checks does not move: a graph of an earlier forward that
-    # saved this same buffer (two forwards, one backward) stays valid, and so do its values, which
-    # change only when W does.
-    feedback.data.copysign_(weight.data)
 
 
 class LinearFeedback(Function):
@@ -86,7 +77,7 @@ class LinearFeedback(Function):
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
         if ctx.signs_of is not None and ctx.needs_input_grad[0]:
-            _take_signs(feedback, ctx.signs_of)
+            take_signs(feedback, ctx.signs_of)
         # (*, out) @ (out, in) -> (*, in): the error goes down through B, not W.
         grad_input = grad_output.matmul(feedback) if ctx.needs_input_grad[0] else None
         grad_weight, grad_bias = _linear_param_grads(ctx, grad_output, input, ctx.has_bias)
@@ -152,7 +143,7 @@ class ConvFeedback(Function):
         input, feedback = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         if ctx.signs_of is not None and ctx.needs_input_grad[0]:
-            _take_signs(feedback, ctx.signs_of)
+            take_signs(feedback, ctx.signs_of)
         # One fused call: the input gradient is computed with B in the weight's place; the weight
         # and bias gradients depend only on the input and grad_output, so they are the usual ones.
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
