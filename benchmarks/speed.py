@@ -16,8 +16,9 @@ biotorch  BioTorch's training path (its MNIST DataLoader and ``biotorch.training
           ``Trainer.run`` epoch (validation, checkpoints, TensorBoard).
 sweep     MLPs of widths 256-4096 and depths 2-8 for bp, fa and dfa: how each rule's step grows.
 overhead  the real ``fa-train`` run (Hydra, progress bar, metrics.csv, checkpoints) under the
-          py-spy sampling profiler (from outside the process, so the run is not slowed): the share
-          of each epoch spent outside the model's math.
+          py-spy sampling profiler (from outside the process, without pausing it): the share of
+          each epoch spent outside the model's math. The sampling still takes CPU time, so the same
+          run is timed without the profiler too.
 
 Every model is built the way ``fa-train`` builds it (``conf/`` composed by Hydra, ``fa_cli.models``,
 ``fa_cli.alignment.convert``, ``fa_cli.optim``): SGD, lr 0.01, momentum 0.9 unless overridden.
@@ -497,7 +498,8 @@ def threaded_draw(out: Tensor, bound: float, pool: ThreadPoolExecutor) -> None:
 def section_parts(args: argparse.Namespace, report: Report, device: torch.device) -> None:
     """Each per-step cost the second round of fixes changed, and the alternatives the rounds tried
     (marked "tried, not adopted"), timed against the way kept on the 4x1024 MLP's tensors (and the
-    ANN's batches), interleaved as elsewhere. Small, isolated timings
+    ANN's batches), interleaved as elsewhere; and the engine's gather of an ANN epoch against its floor,
+    the same bytes copied in order (fifth round). Small, isolated timings
     that stay readable on a loaded machine, where whole-step ratios move by several percent."""
     if device.type != "cpu":
         report.line("parts: CPU only (the changes it times are CPU costs)")
@@ -552,6 +554,23 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             torch.index_select(images, 0, index, out=input_buffer)
             torch.index_select(labels, 0, index, out=label_buffer)
 
+    # An ANN epoch's inputs (54,000 training images) as the engine gathers them, and the floor: the
+    # same bytes copied in order, in chunks of the same size into one reused buffer.
+    train_split = data.Split(images[:54_000], labels[:54_000])
+    epoch_order = torch.randperm(len(train_split), device=device)
+    epoch_lengths = [len(index) for index in epoch_order.split(args.batch_size)]
+
+    def gather_epoch() -> None:
+        for _ in engine.gathered(train_split, epoch_order, epoch_lengths, engine.GATHER_BYTES):
+            pass
+
+    def copy_epoch_in_order() -> None:
+        rows = engine.GATHER_BYTES // (images[0].numel() * images.element_size())
+        chunk = images.new_empty((rows, *images.shape[1:]))
+        for first in range(0, len(train_split), rows):
+            part = train_split.inputs[first : first + rows]
+            chunk[: len(part)].copy_(part)
+
     pairs: dict[str, tuple[str, Callable[[], Any], str, Callable[[], Any]]] = {
         "sign-concordant B of every layer / of all but the first (ms per step)": (
             "every layer",
@@ -595,6 +614,13 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             "reused buffers",
             gather_reused,
         ),
+        "an ANN epoch's 54,000 inputs in chunks of about 8 MiB (ms per epoch): the same bytes in order, "
+        "or the engine's gather of random rows": (
+            "in order (the floor)",
+            copy_epoch_in_order,
+            "engine.gathered",
+            gather_epoch,
+        ),
     }
     rounds = max(5, args.reps // 2)
     rows = []
@@ -608,7 +634,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         q = paired_ratios(samples, "old")["new"]
         rows.append([what, f"{old_name}: {old_ms:.3f}", f"{new_name}: {new_ms:.3f}", ratio(q)])
     report.table(
-        f"What the second and fourth rounds changed or tried, old way against new, {device}",
+        f"What the rounds changed or tried, old against new (and the ANN gather against its floor), {device}",
         ["part", "old", "new", "new / old (IQR)"],
         rows,
         note=f"median of {rounds} interleaved rounds each; ratios are medians of per-round ratios.",
@@ -1005,9 +1031,17 @@ def epoch_part(parts: list[tuple[str, str]], loop: tuple[str, str]) -> str | Non
             return "math"
         if function == "ProgressBar.update":
             label = "progress bar"
+        elif function == "gathered" and path.endswith("fa_cli/engine.py"):
+            label = "batch gather (engine.gathered)"
         elif function == "evaluate" and path.endswith("fa_cli/engine.py"):
             label = "validation (outside the model call)"
     return label
+
+
+def mean_epoch_seconds(run_dir: Path) -> float:
+    """The mean epoch time (train + validation) a fa-train run wrote to its metrics.csv."""
+    with open(run_dir / "metrics.csv", encoding="utf-8") as metrics:
+        return statistics.mean(float(row["seconds"]) for row in csv.DictReader(metrics))
 
 
 def py_spy() -> str | None:
@@ -1030,10 +1064,19 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             *([f"dataset.subset={args.subset}"] if args.subset else []),
         ]
         with tempfile.TemporaryDirectory() as run_dir:
+            # The same run without the profiler first: py-spy does not pause the run, but its sampling
+            # takes CPU time from it, which on a machine of few cores slows the epochs measurably.
+            train = [sys.executable, "-m", "fa_cli.train", *overrides]
+            done = subprocess.run(
+                [*train, f"hydra.run.dir={run_dir}/plain"], capture_output=True, check=False
+            )
+            if done.returncode != 0:
+                report.line(f"overhead: fa-train failed without the profiler (exit {done.returncode})")
+                return
+            plain_seconds = mean_epoch_seconds(Path(run_dir) / "plain")
             samples = Path(run_dir) / "samples.txt"
             command = [spy, "record", "--nonblocking", "--rate", str(args.overhead_rate), "--format", "raw"]
-            command += ["--output", str(samples), "--", sys.executable, "-m", "fa_cli.train"]
-            command += [*overrides, f"hydra.run.dir={run_dir}/run"]
+            command += ["--output", str(samples), "--", *train, f"hydra.run.dir={run_dir}/run"]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0 or not samples.exists():
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -1047,8 +1090,7 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
                 counted.append(([frame_parts(frame) for frame in stack.split(";")], int(count)))
             # The run's own clock for its epochs (train + validation), to turn sample shares into ms:
             # py-spy does not keep its nominal rate exactly when it does not pause the process.
-            with open(Path(run_dir) / "run" / "metrics.csv", encoding="utf-8") as metrics:
-                epoch_seconds = statistics.mean(float(row["seconds"]) for row in csv.DictReader(metrics))
+            epoch_seconds = mean_epoch_seconds(Path(run_dir) / "run")
         total = sum(count for _, count in counted)
         loop = epoch_loop([parts for parts, _ in counted])
         buckets: dict[str, int] = {}
@@ -1079,7 +1121,8 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             note=(
                 f"fa-train {' '.join(overrides)}, sampled from outside the process by py-spy "
                 f"({args.overhead_rate} Hz, main thread, idle time left out); {args.overhead_epochs} "
-                f"epoch(s), averaged ({1e3 * epoch_seconds:.0f} ms an epoch by the run's metrics.csv); "
+                f"epoch(s), averaged ({1e3 * epoch_seconds:.0f} ms an epoch by the run's metrics.csv; "
+                f"{1e3 * plain_seconds:.0f} ms in the same run without the profiler, just before); "
                 f"{epoch_total:,} of {total:,} samples fell in the epochs. math = "
                 "samples inside the model call, cross_entropy, backward and the optimizer's step/zero_grad "
                 "(training and validation); every other sample in engine.fit, and in train.py's per-epoch "
@@ -1145,7 +1188,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-budget", type=float, default=6.0, help="seconds of timed rounds per network")
     p.add_argument("--overhead-models", nargs="+", choices=list(MODELS), default=["ann", "cnn"])
     p.add_argument("--overhead-epochs", type=int, default=3)
-    p.add_argument("--overhead-rate", type=int, default=1000, help="py-spy samples per second")
+    p.add_argument(
+        "--overhead-rate",
+        type=int,
+        default=250,
+        help="py-spy samples per second (at 1000, its sampling slowed the ANN's run on 2 cores by a third)",
+    )
     p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of rich ones")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: few rounds, small data")
     p.add_argument(

@@ -38,10 +38,41 @@ def test_speed_quick_cpu_sections_report_every_rule(speed, tmp_path):
     text = out.read_text()
     assert feedback.drawn_magnitudes is draw  # the profiler's label is taken off again
     steps = text[text.index("ann (") : text.index("Where a step")]
-    limits = text[text.index("Where a step") : text.index("What the second")]
+    limits = text[text.index("Where a step") : text.index("What the rounds")]
     for method in methods:
         assert f"| {method} |" in steps and f"| {method} |" in limits
     brsf = next(line for line in limits.splitlines() if line.startswith("| brsf |"))
     random_numbers = float(brsf.split("|")[6])  # the "random numbers (brsf)" column
     assert random_numbers > 0  # brsf's draws are found and labelled
     assert "two halves on two threads" in text and "fused" in text
+    assert "in order (the floor)" in text and "engine.gathered" in text
+
+
+def test_overhead_puts_each_sampled_stack_in_its_part_of_the_epoch(speed):
+    # py-spy's raw format: one line per stack, outermost frame first, "function (file:line)".
+    def stack(*frames: str) -> list[tuple[str, str]]:
+        return [speed.frame_parts(frame) for frame in frames]
+
+    root = ("<module> (fa_cli/train.py:600)", "main (fa_cli/train.py:500)", "Run.train (fa_cli/train.py:300)")
+    fit = (*root, "fit (/x/src/fa_cli/engine.py:109)", "train_epoch (/x/src/fa_cli/engine.py:150)")
+    stacks = {
+        "math": stack(*fit, "Module._wrapped_call_impl (/v/torch/nn/modules/module.py:1773)"),
+        "optimizer": stack(*fit, "SGD.step (/v/torch/optim/sgd.py:80)"),
+        "gather": stack(*fit, "gathered (/x/src/fa_cli/engine.py:255)"),
+        "loop": stack(*fit),
+        "bar": stack(*fit, "ProgressBar.update (fa_cli/logger.py:90)"),
+        "files": stack(*root, "Run.end_epoch (fa_cli/train.py:320)", "write_csv (fa_cli/files.py:40)"),
+        "once": stack(*root, "load (fa_cli/data.py:100)"),
+    }
+    loop = speed.epoch_loop(list(stacks.values()))
+    assert loop == speed.frame_parts(root[-1])
+    parts = {name: speed.epoch_part(parts, loop) for name, parts in stacks.items()}
+    assert parts == {
+        "math": "math",
+        "optimizer": "math",
+        "gather": "batch gather (engine.gathered)",
+        "loop": "batches, metrics, epoch loop (engine)",
+        "bar": "progress bar",
+        "files": "metrics.csv, checkpoint, log (train.py)",
+        "once": None,
+    }
