@@ -1068,10 +1068,11 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             # takes CPU time from it, which on a machine of few cores slows the epochs measurably.
             train = [sys.executable, "-m", "fa_cli.train", *overrides]
             done = subprocess.run(
-                [*train, f"hydra.run.dir={run_dir}/plain"], capture_output=True, check=False
+                [*train, f"hydra.run.dir={run_dir}/plain"], capture_output=True, text=True, check=False
             )
             if done.returncode != 0:
-                report.line(f"overhead: fa-train failed without the profiler (exit {done.returncode})")
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                report.line(f"overhead: fa-train failed without the profiler ({last}); section skipped")
                 return
             plain_seconds = mean_epoch_seconds(Path(run_dir) / "plain")
             samples = Path(run_dir) / "samples.txt"
