@@ -555,7 +555,8 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             torch.index_select(labels, 0, index, out=label_buffer)
 
     # An ANN epoch's inputs (54,000 training images) as the engine gathers them, and the floor: the
-    # same bytes copied in order, in chunks of the same size into one reused buffer.
+    # same bytes copied in order, in chunks of about the same size (GATHER_BYTES of rows, where the
+    # engine takes whole batches) into one reused buffer.
     train_split = data.Split(images[:54_000], labels[:54_000])
     epoch_order = torch.randperm(len(train_split), device=device)
     epoch_lengths = [len(index) for index in epoch_order.split(args.batch_size)]
@@ -1121,7 +1122,8 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             rows,
             note=(
                 f"fa-train {' '.join(overrides)}, sampled from outside the process by py-spy "
-                f"({args.overhead_rate} Hz, main thread, idle time left out); {args.overhead_epochs} "
+                f"({args.overhead_rate} Hz, every Python thread, idle time left out; only the epoch "
+                f"loop's stacks are counted); {args.overhead_epochs} "
                 f"epoch(s), averaged ({1e3 * epoch_seconds:.0f} ms an epoch by the run's metrics.csv; "
                 f"{1e3 * plain_seconds:.0f} ms in the same run without the profiler, just before); "
                 f"{epoch_total:,} of {total:,} samples fell in the epochs. math = "
