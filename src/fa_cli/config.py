@@ -262,10 +262,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu")
 SCHEDULES = ("none", "step", "multistep", "cosine")
 PROJECTIONS = ("full", "channel")
-INITS = ("default", "xavier")  # model.init and method.init
 ATTACKS = ("none", "fgsm", "pgd")
 # Keys that say how a run was started and where its data lives, not what it computes: summary tables
 # keep runs that differ only in these in one row.
@@ -340,9 +338,11 @@ def _check_dataset(d: FilesDatasetConfig | SyntheticDatasetConfig) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
+    from fa_cli.models import ACTIVATIONS, INITS  # here, not at the top: fa_cli.models imports this module
+
     _one_of("model.init", m.init, INITS)
     if isinstance(m, MLPConfig | CNNConfig):
-        _one_of("model.activation", m.activation, ACTIVATIONS)
+        _one_of("model.activation", m.activation, list(ACTIVATIONS))
     if isinstance(m, MLPConfig):
         for i, width in enumerate(m.widths):
             _positive(f"model.widths[{i}]", width)
@@ -373,6 +373,7 @@ def _torchvision_classifiers() -> list[str]:
 
 def _check_method(m: MethodConfig) -> None:
     from fa_cli.alignment import METHODS
+    from fa_cli.alignment.feedback import INITS
 
     _one_of("method.name", m.name, METHODS)
     _positive("method.scale", m.scale)

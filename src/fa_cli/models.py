@@ -29,6 +29,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "leaky_relu": nn.LeakyReLU,
 }
+#: model.init: PyTorch's default initialisation of each layer, or Glorot's (xavier_uniform_, zero bias).
+INITS = ("default", "xavier")
 
 
 class MLP(nn.Sequential):

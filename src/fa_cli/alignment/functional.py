@@ -53,6 +53,13 @@ def _accumulate_feedback_grad(feedback: Tensor, grad_weight: Tensor | None) -> N
     feedback.grad = grad_weight.clone() if feedback.grad is None else feedback.grad + grad_weight
 
 
+def _give_signs(ctx: Any, feedback: Tensor) -> None:
+    # usf, frsf, brsf: B takes W's signs right before the error goes through it, and only when an
+    # error goes down at all (a first layer's backward needs no B).
+    if ctx.signs_of is not None and ctx.needs_input_grad[0]:
+        take_signs(feedback, ctx.signs_of)
+
+
 class LinearFeedback(Function):
     """``F.linear`` whose input gradient is ``delta @ B`` instead of ``delta @ W``."""
 
@@ -76,8 +83,7 @@ class LinearFeedback(Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
-        if ctx.signs_of is not None and ctx.needs_input_grad[0]:
-            take_signs(feedback, ctx.signs_of)
+        _give_signs(ctx, feedback)
         # (*, out) @ (out, in) -> (*, in): the error goes down through B, not W.
         grad_input = grad_output.matmul(feedback) if ctx.needs_input_grad[0] else None
         grad_weight, grad_bias = _linear_param_grads(ctx, grad_output, input, ctx.has_bias)
@@ -142,8 +148,7 @@ class ConvFeedback(Function):
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        if ctx.signs_of is not None and ctx.needs_input_grad[0]:
-            take_signs(feedback, ctx.signs_of)
+        _give_signs(ctx, feedback)
         # One fused call: the input gradient is computed with B in the weight's place; the weight
         # and bias gradients depend only on the input and grad_output, so they are the usual ones.
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]

@@ -96,15 +96,16 @@ class AlignmentLayer:
         shallow; without autograd (evaluation, ``exact_gradients``); and where no error goes to the
         input (the first layer), since every rule's weight and bias gradients are then backprop's,
         computed in C++ rather than through a Python ``autograd.Function`` -- except kp's, whose B
-        still receives W's gradient. A dfa layer still makes its projection there, so that the
-        state_dict is the same either way."""
+        still receives W's gradient."""
         if self.method in ("bp", "shallow") or not rules_active():
             return True
-        if input.requires_grad or self.method == "kp":
-            return False
-        if self.method == "dfa":
+        return not input.requires_grad and self.method != "kp"
+
+    def _keep_projection(self, input: Tensor) -> None:
+        """A dfa layer whose input needs no gradient (the first) still makes its projection when it
+        trains, so that its state_dict is the same whether or not that input needs one."""
+        if self.method == "dfa" and rules_active():
             self._direct_ticket(input)
-        return True
 
     def _step_feedback(self) -> Tensor:
         """The ``feedback`` this forward sends errors through: brsf draws new magnitudes for each
@@ -184,6 +185,7 @@ class Linear(AlignmentLayer, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         if self._backprop_suffices(input):
+            self._keep_projection(input)
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
@@ -214,6 +216,7 @@ class _ConvNd(AlignmentLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         if self._backprop_suffices(input):
+            self._keep_projection(input)
             return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined]
         input, padding = self._padded(input)
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
