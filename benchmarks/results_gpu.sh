@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU half of docs/RESULTS.md: the report's CNN grid (bp, fa, dfa x seeds 0-2, experiment=report_cnn),
 # BioTorch's LeNet grid (bp, fa, usf, brsf, frsf, dfa x seeds 0-2, experiment=biotorch_lenet) and the
-# report's ANN grid (bp, fa, dfa x seeds 0-2, experiment=report_ann) on one GPU. One `fa-train -m` per
-# (preset, method) runs in the background, all at once: a run of these small models keeps one CPU core
-# busy launching kernels and leaves the GPU mostly idle, so 12 of them share it.
+# report's ANN grid (bp, fa, dfa x seeds 0-2, experiment=report_ann) on one GPU; on request also the
+# AdamW grids of docs/RESULTS.md (report_cnn_adamw: fa, dfa; biotorch_lenet_adamw: its six rules), each
+# method with the overrides its preset's comment gives it. One `fa-train -m` per (preset, method) runs in
+# the background, all at once: a run of these small models keeps one CPU core busy launching kernels and
+# leaves the GPU mostly idle, so 12 of them share it.
 #
 #   FA_DATA_DIR=/data OUT=/tmp/results benchmarks/results_gpu.sh            # the real thing (cuda)
 #   FA_DATA_DIR=/data OUT=/tmp/tiny FA_DEVICE=cpu benchmarks/results_gpu.sh trainer.epochs=1 dataset.subset=512
 #
 # Arguments are extra overrides for every run. Environment:
 #   FA_DATA_DIR      folder holding MNIST/raw/ (required; checked before anything starts)
-#   FA_PRESETS       which grids (default: report_cnn biotorch_lenet report_ann)
+#   FA_PRESETS       which grids (default: report_cnn biotorch_lenet report_ann; also report_cnn_adamw,
+#                    biotorch_lenet_adamw)
 #   OUT              where results come back (required): one folder per sweep with each run's results.json,
 #                    metrics.csv, train.log and .hydra/ (no checkpoints), the sweeps' summaries, the logs,
 #                    summary_<preset>.md (fa-report's tables) and machine.txt
@@ -29,11 +32,22 @@ GRIDS=()
 for preset in $PRESETS; do
   case $preset in
     report_ann | report_cnn) methods="bp fa dfa" ;;
-    biotorch_lenet) methods="bp fa usf brsf frsf dfa" ;;  # BioTorch's benchmark's rules
-    *) die "FA_PRESETS: unknown preset $preset (report_ann, report_cnn, biotorch_lenet)" ;;
+    biotorch_lenet | biotorch_lenet_adamw) methods="bp fa usf brsf frsf dfa" ;;  # BioTorch's benchmark's rules
+    report_cnn_adamw) methods="fa dfa" ;;  # the rules it is the recipe for
+    *) die "FA_PRESETS: unknown preset $preset (report_ann, report_cnn, biotorch_lenet, report_cnn_adamw, biotorch_lenet_adamw)" ;;
   esac
   for method in $methods; do GRIDS+=("$preset $method"); done
 done
+
+# Per-method settings the AdamW presets' comments give (docs/RESULTS.md measured them); overrides given
+# to this script come after them, so they win.
+tuned() {
+  case "$1 $2" in
+    "report_cnn_adamw fa") echo "trainer.epochs=20" ;;
+    "report_cnn_adamw dfa") echo "optim.lr=0.003 trainer.epochs=20" ;;
+    "biotorch_lenet_adamw dfa") echo "optim.lr=0.003" ;;
+  esac
+}
 SEEDS="0,1,2"
 EXPECTED=$((${#GRIDS[@]} * 3))
 CORES="$(nproc)"
@@ -68,10 +82,11 @@ echo "results_gpu.sh: ${#GRIDS[@]} sweeps x seeds $SEEDS on $DEVICE, $THREADS th
 PIDS=()
 for grid in "${GRIDS[@]}"; do
   read -r preset method <<<"$grid"
+  read -r -a settings <<<"$(tuned "$preset" "$method")"
   timeout --signal=TERM --kill-after=30 "$TIME_LIMIT" \
     fa-train -m "experiment=$preset" "method=$method" "seed=$SEEDS" \
     "trainer.device=$DEVICE" "trainer.threads=$THREADS" \
-    "hydra.sweep.dir=$WORK/$preset/$method" "$@" \
+    "hydra.sweep.dir=$WORK/$preset/$method" ${settings[@]+"${settings[@]}"} "$@" \
     >"$WORK/logs/${preset}_$method.log" 2>&1 &
   PIDS+=($!)
 done
