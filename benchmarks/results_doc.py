@@ -272,7 +272,8 @@ def provenance(runs: list[dict[str, Any]]) -> list[str]:
     hosts = sorted({str(r.get("host")) for r in runs})
     started = sorted(str(r.get("started_at")) for r in runs if r.get("started_at"))
     finished = sorted(str(r.get("finished_at")) for r in runs if r.get("finished_at"))
-    lines = [f"- Command: {command(runs)}"]
+    grids = commands(runs)
+    lines = [f"- Command{'s' if len(grids) > 1 else ''}: {'; '.join(grids)}"]
     # Several sweep folders may hold copies of one machine.txt: each text is shown once.
     texts = {m.read_text().strip() for r in runs if (m := machine_file(r["_folder"]))}
     for text in sorted(texts):
@@ -294,7 +295,18 @@ def provenance(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def command(runs: list[dict[str, Any]]) -> str:
+def commands(runs: list[dict[str, Any]]) -> list[str]:
+    """The grid commands that make these runs: one per set of settings, each with every method and seed
+    those settings were run with (runs of several sweeps, say one recipe per rule, are not one grid)."""
+    recipes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        overrides = [o for o in r.get("overrides") or [] if not o.startswith("hydra")]
+        recipe = tuple(sorted(o for o in overrides if o.partition("=")[0] not in ("method", "seed")))
+        recipes.setdefault(recipe, []).append(r)
+    return [_grid(group) for group in recipes.values()]
+
+
+def _grid(runs: list[dict[str, Any]]) -> str:
     """The grid command that makes these runs: each override key with all the values it took."""
     values: dict[str, list[str]] = {}
     for r in runs:

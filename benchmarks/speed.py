@@ -634,6 +634,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         new_ms = 1e3 * statistics.median(samples["new"]) / per
         q = paired_ratios(samples, "old")["new"]
         rows.append([what, f"{old_name}: {old_ms:.3f}", f"{new_name}: {new_ms:.3f}", ratio(q)])
+    pool.shutdown()  # its thread would otherwise idle through every later section
     report.table(
         f"What the rounds changed or tried, old against new (and the ANN gather against its floor), {device}",
         ["part", "old", "new", "new / old (IQR)"],
@@ -1045,6 +1046,11 @@ def mean_epoch_seconds(run_dir: Path) -> float:
         return statistics.mean(float(row["seconds"]) for row in csv.DictReader(metrics))
 
 
+def last_line(done: subprocess.CompletedProcess[str]) -> str:
+    """What a failed command said last on stderr: fa-train's one-line error, or py-spy's."""
+    return (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def py_spy() -> str | None:
     beside = Path(sys.executable).with_name("py-spy")  # installed into this environment
     return str(beside) if beside.exists() else shutil.which("py-spy")
@@ -1072,8 +1078,8 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
                 [*train, f"hydra.run.dir={run_dir}/plain"], capture_output=True, text=True, check=False
             )
             if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                report.line(f"overhead: fa-train failed without the profiler ({last}); section skipped")
+                why = last_line(done)
+                report.line(f"overhead: fa-train failed without the profiler ({why}); section skipped")
                 return
             plain_seconds = mean_epoch_seconds(Path(run_dir) / "plain")
             samples = Path(run_dir) / "samples.txt"
@@ -1081,8 +1087,8 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
             command += ["--output", str(samples), "--", *train, f"hydra.run.dir={run_dir}/run"]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0 or not samples.exists():
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                report.line(f"overhead: py-spy could not profile fa-train ({last}); section skipped")
+                why = last_line(done)
+                report.line(f"overhead: py-spy could not profile fa-train ({why}); section skipped")
                 return
             counted = []
             for line in samples.read_text().splitlines():

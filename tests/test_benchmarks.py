@@ -76,3 +76,26 @@ def test_overhead_puts_each_sampled_stack_in_its_part_of_the_epoch(speed):
         "files": "metrics.csv, checkpoint, log (train.py)",
         "once": None,
     }
+
+
+def test_results_doc_gives_one_grid_command_per_recipe():
+    # Runs of several sweeps (one recipe per rule) are not one grid: the union of their overrides would
+    # claim runs nobody made (fa at dfa's learning rate).
+    spec = importlib.util.spec_from_file_location("results_doc", SPEED.with_name("results_doc.py"))
+    results_doc = importlib.util.module_from_spec(spec)
+    sys.modules["results_doc"] = results_doc  # its dataclasses look their module up while it loads
+    try:
+        spec.loader.exec_module(results_doc)
+    finally:
+        sys.modules.pop("results_doc", None)
+
+    def run(method: str, seed: int, *settings: str) -> dict:
+        return {"overrides": ["experiment=report_cnn_adamw", f"method={method}", f"seed={seed}", *settings]}
+
+    runs = [run("fa", s, "trainer.epochs=20") for s in (0, 1)]
+    runs += [run("dfa", s, "optim.lr=0.003", "trainer.epochs=20", "hydra.job.chdir=false") for s in (0, 1)]
+    runs += [run("bp", 0, "trainer.epochs=20")]
+    assert results_doc.commands(runs) == [
+        "`fa-train -m experiment=report_cnn_adamw method=bp,fa seed=0,1 trainer.epochs=20`",
+        "`fa-train -m experiment=report_cnn_adamw method=dfa seed=0,1 optim.lr=0.003 trainer.epochs=20`",
+    ]

@@ -238,9 +238,8 @@ def gathered(
     Rows are gathered for many batches at once, about ``chunk_bytes`` of inputs, into one buffer
     reused for every chunk: one ``index_select`` of a few thousand random rows costs far less than
     as many small ones between training steps, whose rows' pages then miss the TLB and caches the
-    step has filled (with the batched counting in ``train_epoch``, this took the ANN's epoch outside
-    the model's math from 11.7-15.5 % to 1-10 % on the machine of docs/PERFORMANCE.md's third round;
-    what is left is mostly this gather's reads, as its fourth round measures). The batches are
+    step has filled (docs/PERFORMANCE.md, third round). What is left is mostly this gather's reads of
+    the inputs: 1.33-1.37x the time of copying the same bytes in order (fifth round). The batches are
     views into the buffer, valid until the next chunk is gathered: a hook that keeps one past its
     step must clone it.
     """
