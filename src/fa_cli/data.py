@@ -13,10 +13,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision import datasets
 
 from fa_cli.config import FilesDatasetConfig, SyntheticDatasetConfig
 
@@ -34,16 +34,26 @@ class ImageShape:
 
 @dataclass(frozen=True)
 class Source:
-    """A torchvision dataset whose files fetch_files() can download."""
+    """A torchvision dataset, named by its class in ``torchvision.datasets``, whose files _read() checks
+    and downloads: idx files (MNIST's layout) or CIFAR's python batches."""
 
-    cls: type[datasets.VisionDataset]
+    class_name: str
     shape: ImageShape
+    idx_files: bool
+
+    @property
+    def cls(self) -> type[Any]:
+        # Imported here, not at the top: torchvision takes a second to import, which a config error,
+        # ``--cfg job`` or a run on generated data need not wait for.
+        from torchvision import datasets
+
+        return getattr(datasets, self.class_name)
 
 
 SOURCES = {
-    "mnist": Source(datasets.MNIST, ImageShape(1, 28, 10)),
-    "fashion_mnist": Source(datasets.FashionMNIST, ImageShape(1, 28, 10)),
-    "cifar10": Source(datasets.CIFAR10, ImageShape(3, 32, 10)),
+    "mnist": Source("MNIST", ImageShape(1, 28, 10), idx_files=True),
+    "fashion_mnist": Source("FashionMNIST", ImageShape(1, 28, 10), idx_files=True),
+    "cifar10": Source("CIFAR10", ImageShape(3, 32, 10), idx_files=False),
 }
 
 # Generated datasets are fixed tasks: the run's seed changes the split, the weights and the batch
@@ -166,7 +176,7 @@ def _read(cfg: FilesDatasetConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor,
 def _missing_files(source: Source, root: Path) -> tuple[Path, list[str]]:
     """The folder torchvision reads the dataset from, and which of its files are not there."""
     cls = source.cls
-    if issubclass(cls, datasets.MNIST):  # MNIST, FashionMNIST: decompressed idx files
+    if source.idx_files:  # MNIST, FashionMNIST: decompressed idx files
         folder = root / cls.__name__ / "raw"
         names = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
     else:  # CIFAR10: the unpacked python batches
@@ -180,8 +190,7 @@ def _check_files(source: Source, folder: Path) -> None:
     only says that something in the folder is wrong). MNIST and FashionMNIST: the idx headers against
     the file sizes, image against label counts, and the labels' range; CIFAR-10: each file's MD5
     against the release's."""
-    cls = source.cls
-    if issubclass(cls, datasets.MNIST):
+    if source.idx_files:
         size, classes = source.shape.size, source.shape.num_classes
         for prefix in ("train", "t10k"):
             images = folder / f"{prefix}-images-idx3-ubyte"
@@ -198,6 +207,7 @@ def _check_files(source: Source, folder: Path) -> None:
                 message = f"{labels} holds label {largest}; labels must be 0 to {classes - 1}: corrupt file"
                 raise DataError(message)
     else:
+        cls = source.cls
         for name, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
             digest = hashlib.md5((folder / name).read_bytes()).hexdigest()
             if digest != md5:
