@@ -499,8 +499,8 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
     """Each per-step cost the second round of fixes changed, and the alternatives the rounds tried
     (marked "tried, not adopted"), timed against the way kept on the 4x1024 MLP's tensors (and the
     ANN's batches), interleaved as elsewhere; and the engine's gather of an ANN epoch against its floor,
-    the same bytes copied in order (fifth round). Small, isolated timings
-    that stay readable on a loaded machine, where whole-step ratios move by several percent."""
+    the same gather of the rows in order. Small, isolated timings that stay readable on a loaded
+    machine, where whole-step ratios move by several percent."""
     if device.type != "cpu":
         report.line("parts: CPU only (the changes it times are CPU costs)")
         return
@@ -555,22 +555,15 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             torch.index_select(labels, 0, index, out=label_buffer)
 
     # An ANN epoch's inputs (54,000 training images) as the engine gathers them, and the floor: the
-    # same bytes copied in order, in chunks of about the same size (GATHER_BYTES of rows, where the
-    # engine takes whole batches) into one reused buffer.
+    # same call over the rows in order, so that the two differ only in where the rows lie.
     train_split = data.Split(images[:54_000], labels[:54_000])
     epoch_order = torch.randperm(len(train_split), device=device)
+    in_order = torch.arange(len(train_split), device=device)
     epoch_lengths = [len(index) for index in epoch_order.split(args.batch_size)]
 
-    def gather_epoch() -> None:
-        for _ in engine.gathered(train_split, epoch_order, epoch_lengths, engine.GATHER_BYTES):
+    def gather_epoch(order: Tensor) -> None:
+        for _ in engine.gathered(train_split, order, epoch_lengths, engine.GATHER_BYTES):
             pass
-
-    def copy_epoch_in_order() -> None:
-        rows = engine.GATHER_BYTES // (images[0].numel() * images.element_size())
-        chunk = images.new_empty((rows, *images.shape[1:]))
-        for first in range(0, len(train_split), rows):
-            part = train_split.inputs[first : first + rows]
-            chunk[: len(part)].copy_(part)
 
     pairs: dict[str, tuple[str, Callable[[], Any], str, Callable[[], Any]]] = {
         "sign-concordant B of every layer / of all but the first (ms per step)": (
@@ -615,12 +608,12 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             "reused buffers",
             gather_reused,
         ),
-        "an ANN epoch's 54,000 inputs in chunks of about 8 MiB (ms per epoch): the same bytes in order, "
-        "or the engine's gather of random rows": (
+        "an ANN epoch's 54,000 inputs through engine.gathered (ms per epoch): rows in order, or in the "
+        "epoch's random order": (
             "in order (the floor)",
-            copy_epoch_in_order,
-            "engine.gathered",
-            gather_epoch,
+            lambda: gather_epoch(in_order),
+            "random order (as in training)",
+            lambda: gather_epoch(epoch_order),
         ),
     }
     rounds = max(5, args.reps // 2)

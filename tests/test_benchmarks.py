@@ -45,7 +45,7 @@ def test_speed_quick_cpu_sections_report_every_rule(speed, tmp_path):
     random_numbers = float(brsf.split("|")[6])  # the "random numbers (brsf)" column
     assert random_numbers > 0  # brsf's draws are found and labelled
     assert "two halves on two threads" in text and "fused" in text
-    assert "in order (the floor)" in text and "engine.gathered" in text
+    assert "in order (the floor)" in text and "random order (as in training)" in text
 
 
 def test_overhead_puts_each_sampled_stack_in_its_part_of_the_epoch(speed):
