@@ -143,6 +143,26 @@ def test_conv_projection_full_and_per_channel():
 
 
 @pytest.mark.parametrize("projection", ["full", "channel"])
+def test_a_single_projected_layer_gets_the_whole_projection_in_its_inputs_shape(projection):
+    # One layer wants a projection (the first conv's input needs none): the pass's whole (N, width)
+    # projection is that layer's, reshaped to its input (N, C, H, W) or spread over space per channel.
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    model = convert(net, "dfa", seed=0, num_classes=3, dfa_projection=projection)
+    hidden = {}
+    model[1].register_full_backward_hook(lambda module, grad_in, grad_out: hidden.update(grad=grad_out[0]))
+    out = model(torch.randn(2, 1, 6, 6))
+    error = torch.randn_like(out)
+    out.backward(error)
+    projected = error @ model[2].feedback.reshape(3, -1)  # (N, K) @ (K, width)
+    expected = (
+        projected.view(2, 2, 4, 4) if projection == "full" else projected[:, :, None, None].expand(2, 2, 4, 4)
+    )
+    torch.testing.assert_close(hidden["grad"], expected)
+
+
+@pytest.mark.parametrize("projection", ["full", "channel"])
 def test_projection_bound_is_that_of_a_linear_layer_from_the_input_to_the_output(projection):
     # U(-1/sqrt(n), 1/sqrt(n)), n = input elements per example: the error's size does not grow with
     # the layer's size (a 10-class bound sent sqrt(n)-times larger errors and conv nets diverged).

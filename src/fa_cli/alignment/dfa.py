@@ -20,6 +20,7 @@ one backward keep separate passes, and each backward can use another batch size.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -70,12 +71,15 @@ class Projection:
                 "dfa: a layer's backward ran before the output error was seen. The loss must be computed "
                 "from the converted model's output (the error is captured there)."
             )
-        part = projected[:, self.offset : self.offset + self.width]  # (N, width)
-        n = part.shape[0]
+        n, total = projected.shape
+        # (N, width): a slice, unless this layer is the pass's only one (then the slice and the view
+        # below would only cost time: the ANN's output layer, every step).
+        whole = self.offset == 0 and self.width == total
+        part = projected if whole else projected[:, self.offset : self.offset + self.width]
         if self.channel:  # one value per channel, shared over space: (N, C) -> (N, C, *S)
             spatial = (1,) * (len(self.shape) - 1)
             return part.reshape(n, self.shape[0], *spatial).expand(n, *self.shape)
-        return part.view(n, *self.shape)
+        return part if len(self.shape) == 1 else part.view(n, *self.shape)
 
 
 class Pass:
@@ -88,7 +92,7 @@ class Pass:
         self.projected: Tensor | None = None  # (N, width), set by OutputError.backward
 
     def add(self, feedback: Tensor, input_shape: torch.Size, channel: bool) -> Projection:
-        width = feedback[0].numel()
+        width = math.prod(feedback.shape[1:])  # per example; feedback[0].numel() would make a view
         ticket = Projection(self, self.width, width, input_shape, channel)
         self.parts.append((feedback, channel))
         self.width += width

@@ -103,8 +103,9 @@ class AlignmentLayer:
 
     def _keep_projection(self, input: Tensor) -> None:
         """A dfa layer whose input needs no gradient (the first) still makes its projection when it
-        trains, so that its state_dict is the same whether or not that input needs one."""
-        if self.method == "dfa" and rules_active():
+        trains, so that its state_dict is the same whether or not that input needs one. Once made,
+        it is never read, so later forwards skip the ticket (a tenth of an ANN step's dfa work)."""
+        if self.method == "dfa" and self.feedback is None and rules_active():
             self._direct_ticket(input)
 
     def _step_feedback(self) -> Tensor:
@@ -132,17 +133,18 @@ class AlignmentLayer:
             self.projection == "channel" and input.dim() > 2 and isinstance(self, nn.modules.conv._ConvNd)
         )
         shape = input.shape[1:]
-        wanted = (current.state.num_classes, *(shape[:1] if channel else shape))
-        if self.feedback is None:
-            self.feedback = fb.initial_direct_feedback(
+        wanted = torch.Size((current.state.num_classes, *(shape[:1] if channel else shape)))
+        feedback = self.feedback
+        if feedback is None:
+            feedback = self.feedback = fb.initial_direct_feedback(
                 wanted[0], wanted[1:], shape.numel(), self.scale, self._generator(), self.weight, self.init
             )
-        elif tuple(self.feedback.shape) != wanted:
+        elif feedback.shape != wanted:
             raise RuntimeError(
-                f"dfa feedback of shape {tuple(self.feedback.shape)} was made for other inputs; this "
-                f"input needs {wanted} (inputs of one shape per example, and the model's num_classes)"
+                f"dfa feedback of shape {tuple(feedback.shape)} was made for other inputs; this input "
+                f"needs {tuple(wanted)} (inputs of one shape per example, and the model's num_classes)"
             )
-        return current.add(self.feedback, shape, channel) if input.requires_grad else None
+        return current.add(feedback, shape, channel) if input.requires_grad else None
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
