@@ -46,14 +46,19 @@ class DirectFeedback:
         self._matrix: Tensor | None = None
 
     def matrix(self, parts: list[tuple[Tensor, bool]]) -> Tensor:
-        key = [(feedback, feedback._version, channel) for feedback, channel in parts]
-        fresh = len(key) == len(self._key) and all(
-            a is b and va == vb and ca == cb for (a, va, ca), (b, vb, cb) in zip(key, self._key, strict=True)
+        stale = (
+            self._matrix is None
+            or len(parts) != len(self._key)
+            or any(
+                feedback is not kept or feedback._version != version or channel != kept_channel
+                for (feedback, channel), (kept, version, kept_channel) in zip(parts, self._key, strict=True)
+            )
         )
-        if not fresh or self._matrix is None:
+        if stale:
             rows = [feedback.reshape(self.num_classes, -1) for feedback, _ in parts]  # (K, width_i)
             self._matrix = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # (K, sum width_i)
-            self._key = key
+            self._key = [(feedback, feedback._version, channel) for feedback, channel in parts]
+        assert self._matrix is not None
         return self._matrix
 
 
@@ -99,7 +104,8 @@ class Pass:
         return ticket
 
     def project(self, output_grad: Tensor) -> None:
-        error = output_grad.reshape(output_grad.shape[0], -1)  # e = dL/d(output), (N, K)
+        # e = dL/d(output), (N, K): a classifier's output is that already; others are flattened.
+        error = output_grad if output_grad.dim() == 2 else output_grad.reshape(output_grad.shape[0], -1)
         if error.shape[1] != self.state.num_classes:
             raise RuntimeError(
                 f"dfa: the model's output has {error.shape[1]} values per example, but its feedback "
