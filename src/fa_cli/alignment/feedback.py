@@ -72,7 +72,9 @@ def weight_bound(weight: Tensor, scale: float, init: str = "default") -> float:
     this weight, or (``init="xavier"``) Glorot's."""
     if init == "xavier":
         return scale * _xavier_bound(tuple(weight.shape))
-    fan_in = weight[0].numel()  # in_features, or in_channels / groups * prod(kernel_size)
+    # in_features, or in_channels / groups * prod(kernel_size); from the shape, since weight[0]
+    # would make a view, and brsf asks for this bound every step.
+    fan_in = math.prod(weight.shape[1:])
     return scale / math.sqrt(fan_in)
 
 
