@@ -242,7 +242,7 @@ def gathered(
     reused for every chunk: one ``index_select`` of a few thousand random rows costs far less than
     as many small ones between training steps, whose rows' pages then miss the TLB and caches the
     step has filled (docs/PERFORMANCE.md, third round). What is left is mostly this gather's reads of
-    the inputs: 1.33-1.37x the time of copying the same bytes in order (fifth round). The batches are
+    the inputs: 1.18-1.29x the time of the same gather over the rows in order (sixth round). The batches are
     views into the buffer, valid until the next chunk is gathered: a hook that keeps one past its
     step must clone it.
     """
