@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,10 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = Non
         text=True,
         timeout=timeout,
     )
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a fa-train the test interrupts: SIGINT's default action restored in the child.
+    A test runner started in the background (``cmd &``, nohup) ignores SIGINT, its children inherit
+    that, and Python leaves an inherited ignored SIGINT ignored, so the test's Ctrl-C would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fa_cli.alignment import METHODS
-from runs import SMOKE, run_cli
+from runs import SMOKE, default_sigint, run_cli
 
 RESULT_FIELDS = {
     "method", "model", "dataset", "seed", "status", "test_accuracy", "test_loss", "best_val_accuracy",
@@ -160,6 +160,7 @@ def test_an_interrupted_run_records_it_and_keeps_its_files(tmp_path, signum):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         deadline = time.monotonic() + 120

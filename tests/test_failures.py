@@ -24,7 +24,7 @@ from fa_cli import train as runner
 from fa_cli.config import ConfigError, FilesDatasetConfig, SGDConfig, SyntheticDatasetConfig, validate
 from fa_cli.files import save_checkpoint
 from fa_cli.optim import build_scheduler
-from runs import SMOKE, run_cli
+from runs import SMOKE, default_sigint, run_cli
 
 CPU = torch.device("cpu")
 
@@ -246,6 +246,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=default_sigint,
     )
 
 
