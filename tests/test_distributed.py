@@ -5,6 +5,7 @@ output (dfa) and trained (kp)."""
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import signal
@@ -47,16 +48,26 @@ def _free_port() -> int:
 def _train_on_ranks(rank: int, size: int, port: int, folder: Path) -> None:
     """A rank: every method under DDP, as torchrun would start it; then rank 0 trains each method again
     as a single process, the reference."""
-    from fa_cli.train import train  # in the child: the spawn start method imports afresh
+    from fa_cli.train import Run, train  # in the child: the spawn start method imports afresh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(size))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     with initialize_config_module(config_module="fa_cli.conf", version_base=None):
         configs = {m: validate(compose("train", overrides=[*RUN, f"method={m}"])) for m in METHODS}
+    # Without automatic collection, what a run leaves in reference cycles stays until a run frees it:
+    # each run under a process group must free what the runs before it left, before its collectives.
+    gc.disable()
     with process_group() as world:
         assert world == World(rank=rank, size=size, local_rank=rank, active=True)
         for method, cfg in configs.items():
             train(cfg, folder / f"{method}_rank{rank}")
+            earlier = [
+                o.run_dir.name
+                for o in gc.get_objects()
+                if isinstance(o, Run) and o.run_dir.name != f"{method}_rank{rank}"
+            ]
+            assert not earlier, f"after {method}, earlier runs still alive: {earlier}"
+    gc.enable()
     if rank == 0:
         assert World.current() == SINGLE
         for method, cfg in configs.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -173,6 +174,14 @@ def train(
     ``trainer.skip_completed`` a finished run already in ``run_dir`` is returned as it is, and an
     unfinished one continues from its checkpoint. ``tracking`` says which trackers (TensorBoard,
     MLflow) see the run besides its files."""
+    if distributed.World.current().active:
+        # An earlier run in this process (train() called again under one process group) can be left in
+        # a reference cycle: the first import of torch._inductor's config, which
+        # torch.use_deterministic_algorithms makes inside Run.__init__, keeps the frames that called
+        # it. The collector would free that run, model and all, at some allocation in the middle of
+        # this run's collectives, which aborted a rank in about one test run in five; every rank
+        # frees it here, before any collective, instead.
+        gc.collect()
     resume = Path(cfg.trainer.resume) if cfg.trainer.resume is not None else None
     if cfg.trainer.skip_completed and distributed.World.current().active:
         # The other ranks cannot see rank 0's folder to skip with it; resuming works (all read it).
