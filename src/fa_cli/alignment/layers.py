@@ -104,7 +104,7 @@ class AlignmentLayer:
     def _keep_projection(self, input: Tensor) -> None:
         """A dfa layer whose input needs no gradient (the first) still makes its projection when it
         trains, so that its state_dict is the same whether or not that input needs one. Once made,
-        it is never read, so later forwards skip the ticket (a tenth of an ANN step's dfa work)."""
+        it is never read, so later forwards skip the ticket."""
         if self.method == "dfa" and self.feedback is None and rules_active():
             self._direct_ticket(input)
 
@@ -113,7 +113,7 @@ class AlignmentLayer:
         training batch; the sign-concordant rules' backward gives it W's signs before using it."""
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
             # Straight into the registered buffer: nn.Module.__setattr__ would run register_buffer's
-            # checks every step, which cost a small model's brsf step about 4 % (15 us on the ANN).
+            # checks every step, a cost that shows on a small model (docs/PERFORMANCE.md, sixth round).
             self._buffers["feedback"] = fb.drawn_magnitudes(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
         assert self.feedback is not None
         return self.feedback
