@@ -39,8 +39,21 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = Non
     )
 
 
-def default_sigint() -> None:
-    """``preexec_fn`` for a fa-train the test interrupts: SIGINT's default action restored in the child.
-    A test runner started in the background (``cmd &``, nohup) ignores SIGINT, its children inherit
-    that, and Python leaves an inherited ignored SIGINT ignored, so the test's Ctrl-C would be lost."""
+def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
+    """``python -m <module> args...`` in ``cwd``, started and not waited for, for a test that interrupts
+    it: stdout dropped, stderr kept (text), and SIGINT at its default action in the child."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
+
+
+def _default_sigint() -> None:
+    # A test runner started in the background (cmd &, nohup) ignores SIGINT, its children inherit
+    # that, and Python leaves an inherited ignored SIGINT ignored, so the test's Ctrl-C would be lost.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fa_cli.alignment import METHODS
-from runs import SMOKE, default_sigint, run_cli
+from runs import SMOKE, run_cli, start_cli
 
 RESULT_FIELDS = {
     "method", "model", "dataset", "seed", "status", "test_accuracy", "test_loss", "best_val_accuracy",
@@ -154,14 +154,7 @@ def test_a_diverging_run_stops_and_says_so(fa_train, tmp_path):
 def test_an_interrupted_run_records_it_and_keeps_its_files(tmp_path, signum):
     run_dir = tmp_path / "run"
     args = [*SMOKE, "trainer.epochs=100000", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fa_cli.train", *args],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_sigint,
-    )
+    proc = start_cli("fa_cli.train", *args, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from fa_cli import train as runner
 from fa_cli.config import ConfigError, FilesDatasetConfig, SGDConfig, SyntheticDatasetConfig, validate
 from fa_cli.files import save_checkpoint
 from fa_cli.optim import build_scheduler
-from runs import SMOKE, default_sigint, run_cli
+from runs import SMOKE, run_cli, start_cli
 
 CPU = torch.device("cpu")
 
@@ -238,18 +236,6 @@ EPOCHS = 12
 LONG = [*SMOKE, "dataset.train_size=1000", f"trainer.epochs={EPOCHS}", "method=brsf", "optim.schedule=cosine"]
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fa_cli.train", *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        preexec_fn=default_sigint,
-    )
-
-
 def interrupt_when(proc: subprocess.Popen, checkpoint: Path, signum: int = signal.SIGINT) -> str:
     """Send ``signum`` to ``proc`` as soon as ``checkpoint`` exists (an epoch has ended); its stderr."""
     try:
@@ -266,7 +252,7 @@ def interrupt_when(proc: subprocess.Popen, checkpoint: Path, signum: int = signa
 
 def test_ctrl_c_then_resume_gives_the_uninterrupted_runs_metrics(tmp_path):
     whole, cut, resumed = tmp_path / "whole", tmp_path / "cut", tmp_path / "resumed"
-    proc = start([*LONG, f"hydra.run.dir={cut}"], tmp_path)
+    proc = start_cli("fa_cli.train", *LONG, f"hydra.run.dir={cut}", cwd=tmp_path)
     stderr = interrupt_when(proc, cut / "checkpoint.pt")
     assert proc.returncode == 130 and stderr.strip().endswith("fa-train: interrupted"), stderr
     interrupted = results(cut)
@@ -285,7 +271,7 @@ def test_a_relaunched_grid_keeps_finished_runs_and_resumes_the_interrupted_one(t
     sweep = tmp_path / "sweep"
     job_dir = [sweep / f"{job}_synthetic_ann_bp_seed0" for job in range(3)]
     grid = ["-m", *LONG, "method=bp", "optim.lr=1e12,0.01,0.02", f"hydra.sweep.dir={sweep}"]
-    proc = start(grid, tmp_path)
+    proc = start_cli("fa_cli.train", *grid, cwd=tmp_path)
     stderr = interrupt_when(proc, job_dir[2] / "checkpoint.pt")  # in the third job: one diverged, one done
     assert proc.returncode == 130, stderr
     assert [results(folder)["status"] for folder in job_dir] == ["diverged", "completed", "interrupted"]

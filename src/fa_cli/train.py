@@ -174,7 +174,8 @@ def train(
     ``trainer.skip_completed`` a finished run already in ``run_dir`` is returned as it is, and an
     unfinished one continues from its checkpoint. ``tracking`` says which trackers (TensorBoard,
     MLflow) see the run besides its files."""
-    if distributed.World.current().active:
+    world_active = distributed.World.current().active
+    if world_active:
         # An earlier run in this process (train() called again under one process group) can be left in
         # a reference cycle: the first import of torch._inductor's config, which
         # torch.use_deterministic_algorithms makes inside Run.__init__, keeps the frames that called
@@ -183,7 +184,7 @@ def train(
         # frees it here, before any collective, instead.
         gc.collect()
     resume = Path(cfg.trainer.resume) if cfg.trainer.resume is not None else None
-    if cfg.trainer.skip_completed and distributed.World.current().active:
+    if cfg.trainer.skip_completed and world_active:
         # The other ranks cannot see rank 0's folder to skip with it; resuming works (all read it).
         raise ConfigError("trainer.skip_completed", "not under torchrun; use trainer.resume=RUN_DIR")
     if cfg.trainer.skip_completed:
