@@ -390,7 +390,7 @@ OP_KINDS = {
     ),
     "copysign (sign-concordant B)": ("aten::copysign", "aten::copysign_"),
     "random numbers (brsf)": ("aten::uniform_", "aten::random_", "aten::randint", BRSF_DRAW),
-    "copies (kp: clone of W's grad)": ("aten::copy_", "aten::clone"),
+    "copies": ("aten::copy_", "aten::clone"),
     "rule's Python (autograd.Function)": tuple(
         f"{name}{suffix}"
         for name in ("LinearFeedback", "LinearDirect", "ConvFeedback", "ConvDirect", "OutputError")

@@ -36,7 +36,7 @@ def training_outcome(run_dir: Path) -> tuple[list[dict[str, str]], dict[str, tor
 
 @pytest.mark.parametrize("method", ["fa", "dfa", "brsf", "kp"])
 def test_measuring_every_step_trains_exactly_as_diagnostics_off(tmp_path, method):
-    # brsf draws random magnitudes each step, kp writes B's gradient, dfa captures the output error:
+    # brsf draws random magnitudes each step, kp trains B with W's gradient, dfa captures the output error:
     # the diagnostics' extra passes must leave all of them as they were.
     off = run(tmp_path / "off", f"method={method}")
     on = run(tmp_path / "on", f"method={method}", "diagnostics.every=1")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fa_cli.alignment import convert, feedback_parameters
+from fa_cli.alignment import AlignmentLayer, convert
 from fa_cli.config import AdamConfig, SGDConfig
 from fa_cli.optim import build_optimizer, build_scheduler
 
@@ -39,7 +39,7 @@ def test_kp_feedback_learns_in_the_same_optimizer_with_the_same_rule():
     model = convert(network(), "kp", seed=0)
     cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-3)
     optimizer = build_optimizer(cfg, model)
-    feedback = feedback_parameters(model)
+    feedback = [m.feedback for m in model.modules() if isinstance(m, AlignmentLayer)]
     assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["params"] == feedback
     assert {k: v for k, v in optimizer.param_groups[1].items() if k != "params"} == {
         k: v for k, v in optimizer.param_groups[0].items() if k != "params"
@@ -48,7 +48,8 @@ def test_kp_feedback_learns_in_the_same_optimizer_with_the_same_rule():
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_fused_sgd_makes_the_updates_of_torchs_reference_loop_for_w_and_kp_feedback(nesterov):
-    # build_optimizer uses the fused kernel (speed); it must update W and kp's B as the for-loop does.
+    # build_optimizer uses the fused kernel (speed); it must update W and kp's B as the for-loop does
+    # when B is given a copy of W's gradient.
     torch.manual_seed(0)
     cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
     net = network()
@@ -58,12 +59,16 @@ def test_fused_sgd_makes_the_updates_of_torchs_reference_loop_for_w_and_kp_feedb
     loop = torch.optim.SGD(
         loop_model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov
     )
-    loop.add_param_group({"params": feedback_parameters(loop_model)})
+    layers = [m for m in loop_model.modules() if isinstance(m, AlignmentLayer)]
+    loop.add_param_group({"params": [m.feedback for m in layers]})
     x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
     for _ in range(3):
         for model, optimizer in ((fused_model, fused), (loop_model, loop)):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
+            if optimizer is loop:
+                for m in layers:
+                    m.feedback.grad = m.weight.grad.clone()
             optimizer.step()
     for (name, a), b in zip(fused_model.state_dict().items(), loop_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)

@@ -11,9 +11,8 @@ What DDP does not know about the learning rules is done here:
 
 - feedback matrices are buffers, and DDP broadcasts rank 0's buffers before every forward. They are
   excluded: they are equal by construction, dfa creates them at the first forward (so the set of
-  buffers would change under DDP's feet) and a broadcast would only cost bandwidth;
-- Kolen-Pollack's ``B`` gets its gradient inside backward, outside DDP's reducer: it is averaged over
-  the ranks before every optimizer step, as ``W``'s is, so that ``B`` follows ``W``'s averaged update.
+  buffers would change under DDP's feet) and a broadcast would only cost bandwidth. Kolen-Pollack's
+  ``B`` needs nothing more: its gradient is ``W``'s, averaged by DDP (``fa_cli.alignment.train_feedback``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fa_cli.alignment import AlignmentLayer, feedback_parameters
+from fa_cli.alignment import AlignmentLayer
 from fa_cli.config import ConfigError
 
 #: What torchrun (and ``srun`` with these set) tells each process.
@@ -131,12 +130,12 @@ def process_group() -> Iterator[World]:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
+def wrap(model: nn.Module, world: World) -> nn.Module:
     """``model`` in DistributedDataParallel, when there is a process group; else ``model`` itself.
 
     BatchNorm becomes SyncBatchNorm on CUDA (statistics over the global batch, as one process would
     compute them; it has no CPU kernel, so CPU runs keep per-rank statistics and rank 0's running
-    averages, which DDP broadcasts). ``optimizer`` must already hold ``model``'s parameters.
+    averages, which DDP broadcasts).
     """
     if not world.active:
         return model
@@ -145,29 +144,9 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     feedback = [f"{name}.feedback" for name, m in model.named_modules() if isinstance(m, AlignmentLayer)]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, feedback)
-    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if trained_feedback := feedback_parameters(model):
-        optimizer.register_step_pre_hook(_FeedbackGradMean(trained_feedback, world.size))
-    return trained
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (for evaluation and state dicts); ``model`` if not wrapped."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-class _FeedbackGradMean:
-    """Optimizer step pre-hook: Kolen-Pollack's ``B.grad`` averaged over the ranks, in one all-reduce."""
-
-    def __init__(self, feedback: list[Tensor], size: int) -> None:
-        self.feedback, self.size = feedback, size
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        grads = [b.grad for b in self.feedback if b.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.size
-        for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            grad.copy_(mean.view_as(grad))

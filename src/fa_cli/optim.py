@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, MultiStepLR, StepLR
 
-from fa_cli.alignment import feedback_parameters
+from fa_cli.alignment import train_feedback
 from fa_cli.config import AdamConfig, AdamWConfig, OptimConfig, SGDConfig
 
 
@@ -14,8 +14,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     """The optimizer over the parameters that learn (``shallow`` freezes all but the output layer).
 
     A rule that trains its own feedback (Kolen-Pollack) gets it as a second parameter group of the
-    same optimizer, so ``B`` follows exactly ``W``'s update: learning rate and schedule, momentum and
-    weight decay (the decay is what makes ``B`` converge to ``W``).
+    same optimizer, with ``W``'s gradient, so ``B`` follows exactly ``W``'s update: learning rate and
+    schedule, momentum and weight decay (the decay is what makes ``B`` converge to ``W``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(cfg, SGDConfig):
@@ -25,7 +25,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
-            fused=_fusable(params, model),
+            fused=_fusable(params),
         )
     elif isinstance(cfg, AdamWConfig):  # before AdamConfig, its base class
         optimizer = torch.optim.AdamW(
@@ -37,17 +37,16 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         )
     else:
         raise TypeError(f"no optimizer for {type(cfg).__name__}")
-    if feedback := feedback_parameters(model):
-        optimizer.add_param_group({"params": feedback})
+    train_feedback(model, optimizer)
     return optimizer
 
 
-def _fusable(params: list[nn.Parameter], model: nn.Module) -> bool | None:
+def _fusable(params: list[nn.Parameter]) -> bool | None:
     # The fused kernel updates every tensor in one pass (a third less time than the per-tensor loop
-    # on a 4x1024 MLP on the CPU, benchmarks/speed.py). It takes floating-point CPU and CUDA tensors.
-    tensors = [*params, *feedback_parameters(model)]
-    supported = all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)
-    return True if tensors and supported else None
+    # on a 4x1024 MLP on the CPU, benchmarks/speed.py). It takes floating-point CPU and CUDA tensors;
+    # kp's B, added after, has its W's device and dtype.
+    supported = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if params and supported else None
 
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int) -> LRScheduler:

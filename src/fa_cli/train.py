@@ -336,7 +336,7 @@ class Run:
             f"{cfg.dataset.name}: {len(splits.train):,} train / {results['val_examples']:,} val / "
             f"{len(splits.test):,} test, {results['device']}, seed {cfg.seed} -> {self.run_dir}"
         )
-        trained = distributed.wrap(model, optimizer, self.world)  # model itself outside torchrun
+        trained = distributed.wrap(model, self.world)  # model itself outside torchrun
         try:
             with ProgressBar(cfg.trainer.epochs) as on_step:
                 for record in engine.fit(

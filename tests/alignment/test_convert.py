@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from fa_cli.alignment import METHODS, AlignmentLayer, Linear, convert, feedback_parameters, metrics
+from fa_cli.alignment import METHODS, AlignmentLayer, Linear, convert, metrics, train_feedback
 
 
 def _cnn():
@@ -20,8 +20,7 @@ def _cnn():
 def _train_step(model, x, y):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
-    if feedback := feedback_parameters(model):
-        opt.add_param_group({"params": feedback})
+    train_feedback(model, opt)
     before = [p.detach().clone() for p in params]
     loss = F.cross_entropy(model(x), y)
     loss.backward()
@@ -89,10 +88,13 @@ def test_feedback_is_a_buffer_seeded_and_independent_per_layer(method):
 
 
 def test_kp_feedback_trains_with_the_optimizer_and_others_do_not():
-    assert feedback_parameters(convert(_cnn(), "fa")) == []
+    fa = convert(_cnn(), "fa")
+    opt = torch.optim.SGD(fa.parameters(), lr=0.1)
+    assert train_feedback(fa, opt) == [] and len(opt.param_groups) == 1
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     layer = Linear(6, 4, method="kp", seed=0)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    opt.add_param_group({"params": feedback_parameters(layer)})
+    assert train_feedback(layer, opt) == [layer.feedback] == opt.param_groups[1]["params"]
     w, b = layer.weight.detach().clone(), layer.feedback.clone()
     layer(torch.randn(3, 6)).sum().backward()
     opt.step()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_cli.alignment import Conv1d, Conv2d, Linear, convert, exact_gradients, feedback_parameters
+from fa_cli.alignment import Conv1d, Conv2d, Linear, convert, exact_gradients, train_feedback
 from fa_cli.alignment.feedback import SIGN_CONCORDANT
 from fa_cli.alignment.metrics import angle
 
@@ -206,7 +206,7 @@ def test_brsf_magnitudes_follow_the_global_seed_and_are_uniform_up_to_the_bound(
 @pytest.mark.parametrize("conv", [False, True])
 def test_a_layer_whose_input_needs_no_gradient_builds_no_feedback(method, conv, monkeypatch):
     # The first layer sends no error anywhere: its B is never read, so neither copysign nor brsf's
-    # draws may run for it, and its parameter gradients (and kp's B.grad) stay exact.
+    # draws may run for it, and its parameter gradients stay exact.
     torch.manual_seed(0)
     layer = Conv2d(2, 3, 3, method=method, seed=0) if conv else Linear(6, 3, method=method, seed=0)
     x = torch.randn(4, 2, 5, 5) if conv else torch.randn(4, 6)
@@ -217,8 +217,7 @@ def test_a_layer_whose_input_needs_no_gradient_builds_no_feedback(method, conv, 
     rng_before = torch.get_rng_state()
     layer.zero_grad()
     out = layer(x)
-    if method != "kp":  # PyTorch's own backward, not the rule's Python Function
-        assert "Feedback" not in type(out.grad_fn).__name__
+    assert "Feedback" not in type(out.grad_fn).__name__  # PyTorch's own backward, not the rule's
     (out * upstream).sum().backward()
     assert calls == []
     assert torch.equal(torch.get_rng_state(), rng_before)
@@ -228,8 +227,7 @@ def test_a_layer_whose_input_needs_no_gradient_builds_no_feedback(method, conv, 
     (reference(x) * upstream).sum().backward()
     torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
     torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
-    if method == "kp":
-        assert torch.equal(layer.feedback.grad, layer.weight.grad)
+    assert layer.feedback.grad is None  # kp's B takes W's gradient at the optimizer's step, not here
 
 
 def test_kp_feedback_gets_w_gradient_and_aligns_with_w():
@@ -238,22 +236,87 @@ def test_kp_feedback_gets_w_gradient_and_aligns_with_w():
         nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)), "kp"
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-2)
-    opt.add_param_group({"params": feedback_parameters(model)})
+    train_feedback(model, opt)
     teacher = nn.Linear(10, 3)
     x = torch.randn(256, 10)
     y = teacher(x).argmax(1)
     first = [angle(m.weight, m.feedback) for m in model if isinstance(m, Linear)]
-    for step in range(300):
+    for _ in range(300):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        if step == 0:
-            for m in model:
-                if isinstance(m, Linear):
-                    assert torch.equal(m.feedback.grad, m.weight.grad)
         opt.step()
     last = [angle(m.weight, m.feedback) for m in model if isinstance(m, Linear)]
     assert all(a > 80 for a in first)
     assert all(b < a - 20 for a, b in zip(first, last, strict=True)), (first, last)
+
+
+def _kp_pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), Linear(3 * 6 * 6, 8), nn.Tanh(), Linear(8, 4)
+    )
+    return convert(net, "kp", seed=0), convert(net, "kp", seed=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, fused=True),
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-2, amsgrad=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, maximize=True, foreach=False),
+    ],
+    ids=["sgd-nesterov", "sgd-fused", "adam", "adamw-amsgrad", "sgd-maximize"],
+)
+@pytest.mark.parametrize("clip", [False, True])
+def test_kp_feedback_takes_exactly_ws_update(make, clip):
+    # Reference written here: B in the optimizer, given a copy of W's gradient (clipped or not) just
+    # before each step. train_feedback must give B the same updates, bit for bit, and W's must not
+    # change because B's gradient is W's very tensor.
+    model, reference = _kp_pair()
+    opt, ref_opt = make(model.parameters()), make(reference.parameters())
+    train_feedback(model, opt)
+    layers = [m for m in reference.modules() if isinstance(m, (Linear, Conv2d))]
+    ref_opt.add_param_group({"params": [m.feedback for m in layers]})
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for _ in range(4):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            if m is reference:
+                for layer in layers:
+                    layer.feedback.grad = layer.weight.grad.clone()
+            o.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(m.feedback.grad is None for m in model.modules() if isinstance(m, (Linear, Conv2d)))
+
+
+def test_kp_feedback_gradient_is_unscaled_once_under_a_grad_scaler():
+    # GradScaler.unscale_ walks the optimizer's gradients: B.grad is None then, so W's gradient (which
+    # B takes at the step) is unscaled once. With a power-of-two scale the result is exactly the
+    # unscaled run's.
+    model, reference = _kp_pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    train_feedback(model, opt)
+    train_feedback(reference, ref_opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)  # W.grad is kept and accumulated into in place
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad(set_to_none=False)
+        F.cross_entropy(reference(x), y).backward()
+        ref_opt.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_bp_is_plain_autograd_bit_for_bit():

@@ -42,8 +42,8 @@ def convert(
             ``"channel"`` to one value per channel shared over space (for large feature maps).
 
     ``shallow`` freezes every parameter (``requires_grad=False``) except the output layer's: the
-    last converted layer in module order. For ``kp``, give the feedback to the optimizer too:
-    ``optimizer.add_param_group({"params": feedback_parameters(model)})``.
+    last converted layer in module order. For ``kp``, have the optimizer train the feedback too:
+    ``train_feedback(model, optimizer)``.
     """
     check_method(method)
     check_init(init)
@@ -71,15 +71,45 @@ def convert(
     return model
 
 
-def feedback_parameters(model: nn.Module) -> list[Tensor]:
-    """The feedback tensors the rule itself trains: kp's ``B``, which receives exactly ``W``'s gradient
-    in backward. Add them to the optimizer that updates ``W`` so ``B`` gets the same update rule
-    (learning rate and schedule, momentum, weight decay); empty for every other rule."""
-    return [
-        m.feedback
+def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Have ``optimizer`` train the feedback of ``model``'s Kolen-Pollack layers by ``W``'s update rule.
+
+    Each kp ``B`` joins ``optimizer`` in a parameter group of its own, with the optimizer's defaults
+    (learning rate and schedule, momentum, weight decay: the decay is what makes ``B`` converge to
+    ``W``), and at every step its gradient is its ``W``'s: the very tensor, as the step finds it, so
+    ``B`` gets ``W``'s update after whatever clipping, unscaling or averaging over processes
+    ``W``'s gradient went through. Between steps ``B.grad`` is None, so nothing that walks the
+    optimizer's gradients (``GradScaler.unscale_``, clipping) meets ``W``'s twice. Returns the
+    feedback tensors added: empty for every other rule, and then ``optimizer`` is left as it was.
+    """
+    pairs = [
+        (m.weight, m.feedback)
         for m in model.modules()
         if isinstance(m, AlignmentLayer) and m.method == "kp" and m.feedback is not None
     ]
+    if pairs:
+        optimizer.add_param_group({"params": [feedback for _, feedback in pairs]})
+        gradients = _SharedGradients(pairs)
+        optimizer.register_step_pre_hook(gradients.lend)
+        optimizer.register_step_post_hook(gradients.take_back)
+    return [feedback for _, feedback in pairs]
+
+
+class _SharedGradients:
+    """The optimizer step hooks of :func:`train_feedback`: ``B.grad`` is ``W.grad`` for the step."""
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        self.pairs = pairs
+
+    def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        # The same tensor, not a copy: a copy of every W's gradient would cost a pass over memory as
+        # long as the optimizer's own (docs/PERFORMANCE.md, seventh round).
+        for weight, feedback in self.pairs:
+            feedback.grad = weight.grad
+
+    def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        for _, feedback in self.pairs:
+            feedback.grad = None
 
 
 def _infer_num_classes(model: nn.Module) -> int:

@@ -9,7 +9,9 @@ replaces the third:
 
 - feedback alignment and its relatives (fa, usf, brsf, frsf, kp): ``dL/dy = delta B`` with a
   feedback matrix ``B`` of the weight's shape (the report's ``B_{i+1}`` in place of ``W_{i+1}^T``);
-  for the sign-concordant ones the backward first gives ``B`` the signs of ``W``;
+  for the sign-concordant ones the backward first gives ``B`` the signs of ``W``. kp's ``B`` learns
+  too, but not here: the optimizer gives it ``W``'s gradient at each step
+  (:func:`fa_cli.alignment.train_feedback`);
 - direct feedback alignment (dfa): ``dL/dy = e B_dfa``, the output error ``e`` projected straight to
   the layer's input. That projection is computed once for all layers by :mod:`fa_cli.alignment.dfa`,
   so the backward here only looks it up: no ``delta W`` work is done at all.
@@ -44,15 +46,6 @@ def _linear_param_grads(
     return grad_weight, grad_bias
 
 
-def _accumulate_feedback_grad(feedback: Tensor, grad_weight: Tensor | None) -> None:
-    # Kolen-Pollack: B receives exactly W's gradient. B is a buffer (not a parameter), so autograd
-    # will not accumulate into it; we do, the way autograd accumulates into W.grad, and the
-    # optimizer that owns W (see fa_cli.alignment.feedback_parameters) applies W's update rule to B.
-    if grad_weight is None:
-        return
-    feedback.grad = grad_weight.clone() if feedback.grad is None else feedback.grad + grad_weight
-
-
 def _give_signs(ctx: Any, feedback: Tensor) -> None:
     # usf, frsf, brsf: B takes W's signs right before the error goes through it, and only when an
     # error goes down at all (a first layer's backward needs no B).
@@ -70,13 +63,11 @@ class LinearFeedback(Function):
         weight: Tensor,
         bias: Tensor | None,
         feedback: Tensor,
-        trains_feedback: bool,
         sign_concordant: bool,
     ) -> Tensor:
         # input (*, in), weight (out, in), bias (out,), feedback (out, in) -> output (*, out)
         ctx.save_for_backward(input, feedback)
         ctx.has_bias = bias is not None
-        ctx.trains_feedback = trains_feedback
         ctx.signs_of = weight if sign_concordant else None  # W as it is at backward time
         return F.linear(input, weight, bias)
 
@@ -87,9 +78,7 @@ class LinearFeedback(Function):
         # (*, out) @ (out, in) -> (*, in): the error goes down through B, not W.
         grad_input = grad_output.matmul(feedback) if ctx.needs_input_grad[0] else None
         grad_weight, grad_bias = _linear_param_grads(ctx, grad_output, input, ctx.has_bias)
-        if ctx.trains_feedback:
-            _accumulate_feedback_grad(feedback, grad_weight)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 class LinearDirect(Function):
@@ -132,7 +121,6 @@ class ConvFeedback(Function):
         padding: tuple[int, ...],
         dilation: tuple[int, ...],
         groups: int,
-        trains_feedback: bool,
         sign_concordant: bool,
     ) -> Tensor:
         # input (N, C_in, *S), weight (C_out, C_in / groups, *K), feedback like weight
@@ -140,7 +128,6 @@ class ConvFeedback(Function):
         ctx.save_for_backward(input, feedback)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.trains_feedback = trains_feedback
         ctx.signs_of = weight if sign_concordant else None  # W as it is at backward time
         return _CONV[input.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
 
@@ -156,9 +143,7 @@ class ConvFeedback(Function):
             grad_output, input, feedback, ctx.bias_sizes, stride, padding, dilation,
             False, [0] * len(stride), groups, mask,
         )  # fmt: skip
-        if ctx.trains_feedback:
-            _accumulate_feedback_grad(feedback, grad_weight)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class ConvDirect(Function):

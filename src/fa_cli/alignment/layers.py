@@ -95,11 +95,10 @@ class AlignmentLayer:
         """True when PyTorch's own forward and backward give exactly this rule's gradients: for bp and
         shallow; without autograd (evaluation, ``exact_gradients``); and where no error goes to the
         input (the first layer), since every rule's weight and bias gradients are then backprop's,
-        computed in C++ rather than through a Python ``autograd.Function`` -- except kp's, whose B
-        still receives W's gradient."""
+        computed in C++ rather than through a Python ``autograd.Function``."""
         if self.method in ("bp", "shallow") or not rules_active():
             return True
-        return not input.requires_grad and self.method != "kp"
+        return not input.requires_grad
 
     def _keep_projection(self, input: Tensor) -> None:
         """A dfa layer whose input needs no gradient (the first) still makes its projection when it
@@ -117,11 +116,6 @@ class AlignmentLayer:
             self._buffers["feedback"] = fb.drawn_magnitudes(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
         assert self.feedback is not None
         return self.feedback
-
-    def _rule_flags(self) -> tuple[bool, bool]:
-        """What the feedback Functions do besides sending the error through B: train B (kp), give B
-        the signs of W (usf, frsf, brsf)."""
-        return self.method == "kp", self.method in fb.SIGN_CONCORDANT
 
     def _direct_ticket(self, input: Tensor) -> Projection | None:
         """dfa: make sure this layer has its projection, and ask the running pass for a slice."""
@@ -193,7 +187,8 @@ class Linear(AlignmentLayer, nn.Linear):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
-        return LinearFeedback.apply(input, self.weight, self.bias, self._step_feedback(), *self._rule_flags())
+        signs = self.method in fb.SIGN_CONCORDANT
+        return LinearFeedback.apply(input, self.weight, self.bias, self._step_feedback(), signs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._rule_repr()}"
@@ -226,9 +221,8 @@ class _ConvNd(AlignmentLayer):
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
         if self.method == "dfa":
             return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
-        return ConvFeedback.apply(
-            input, self.weight, self.bias, self._step_feedback(), *conf, *self._rule_flags()
-        )
+        signs = self.method in fb.SIGN_CONCORDANT
+        return ConvFeedback.apply(input, self.weight, self.bias, self._step_feedback(), *conf, signs)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """The input and the symmetric zero padding left for the convolution itself.

@@ -59,9 +59,6 @@ def update_gradient_angles(
     }
     weights = [layer.weight for layer in layers.values()]
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    feedback_grads = {
-        name: layer.feedback.grad for name, layer in layers.items() if layer.feedback is not None
-    }
     devices = sorted({w.device.index for w in weights if w.device.type == "cuda"})
 
     def gradients() -> tuple[Tensor, ...]:
@@ -77,7 +74,4 @@ def update_gradient_angles(
             for name, b in model.named_buffers():
                 if name in buffers:  # a dfa projection made by this very forward stays
                     b.copy_(buffers[name])
-        for name, layer in layers.items():  # kp wrote B's gradient as a side effect of its backward
-            if layer.feedback is not None:
-                layer.feedback.grad = feedback_grads.get(name)
     return {name: angle(r, t) for name, r, t in zip(layers, rule, true, strict=True)}
