@@ -102,8 +102,8 @@ class _SharedGradients:
         self.pairs = pairs
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        # The same tensor, not a copy: a copy of every W's gradient would cost a pass over memory as
-        # long as the optimizer's own (docs/PERFORMANCE.md, seventh round).
+        # The same tensor, not a copy: copying every W's gradient cost a pass over memory each step
+        # (docs/PERFORMANCE.md, seventh round).
         for weight, feedback in self.pairs:
             feedback.grad = weight.grad
 
