@@ -64,7 +64,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from fa_cli import data, engine, models
-from fa_cli.alignment import METHODS, convert, feedback
+from fa_cli.alignment import METHODS, AlignmentLayer, convert, feedback
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
 
@@ -465,6 +465,41 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
         ),
     )
     del cases
+    gc.collect()
+    fa_memory(args, report, device, inputs, targets)
+
+
+def fa_memory(
+    args: argparse.Namespace, report: Report, device: torch.device, inputs: Tensor, targets: Tensor
+) -> None:
+    """fa's step against bp's, split: fa whose ``B`` is stored in ``W``'s own memory does bp's arithmetic
+    through the rule's Functions, so what fa costs beyond it is reading a second matrix the size of
+    ``W`` (usf, frsf and brsf read it too)."""
+    runs = {m: build_case(runner_config([*MODELS["mlp"], f"method={m}"]), device) for m in ("bp", "fa")}
+    shared = build_case(runner_config([*MODELS["mlp"], "method=fa"]), device)
+    for layer in shared.model.modules():
+        if isinstance(layer, AlignmentLayer) and layer.feedback is not None:
+            layer._buffers["feedback"] = layer.weight.detach()  # the same storage: B is W
+    runs["fa, B in W's memory"] = shared
+    for case in runs.values():
+        for _ in range(args.warmup):
+            train_step(case, inputs, targets)
+    bp = runs["bp"]
+    block = max(1, math.ceil(args.min_sample / timed(lambda: train_step(bp, inputs, targets), device)))
+
+    def steps(case: Case) -> Callable[[], None]:
+        return lambda: [train_step(case, inputs, targets) for _ in range(block)]
+
+    samples = interleaved({m: steps(c) for m, c in runs.items()}, args.reps, device, seed=args.seed)
+    ratios = paired_ratios(samples, "bp")
+    rows = [[m, ms(statistics.median(v) / block), ratio(ratios[m])] for m, v in samples.items()]
+    report.table(
+        f"fa's step on the 4x1024 MLP, with B in its own memory and in W's, {device}",
+        ["method", "ms/step", "× bp (IQR)"],
+        rows,
+        note=f"median of {args.reps} interleaved rounds of {block} step(s)",
+    )
+    runs.clear()
     gc.collect()
 
 

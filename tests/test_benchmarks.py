@@ -44,6 +44,7 @@ def test_speed_quick_cpu_sections_report_every_rule(speed, tmp_path):
     brsf = next(line for line in limits.splitlines() if line.startswith("| brsf |"))
     random_numbers = float(brsf.split("|")[6])  # the "random numbers (brsf)" column
     assert random_numbers > 0  # brsf's draws are found and labelled
+    assert "| fa, B in W's memory |" in limits  # fa's cost split: its Functions, and a second matrix
     assert "two halves on two threads" in text and "fused" in text
     assert "in order (the floor)" in text and "random order (as in training)" in text
 
