@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_module
 
 from fa_cli.config import validate
-from fa_cli.distributed import SINGLE, World, process_group
+from fa_cli.distributed import SINGLE, World, leave, process_group
 from runs import run_cli
 
 METHODS = ("bp", "fa", "dfa", "kp")
@@ -72,6 +73,7 @@ def _train_on_ranks(rank: int, size: int, port: int, folder: Path) -> None:
         assert World.current() == SINGLE
         for method, cfg in configs.items():
             train(cfg, folder / f"{method}_single")
+    leave(0)  # as fa-train's ranks end: no interpreter shutdown beside gloo's threads
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +170,15 @@ def test_torchrun_refuses_a_grid(monkeypatch: pytest.MonkeyPatch, capsys: pytest
         "fa-train: error: torchrun trains one run on several processes: drop -m (for a grid, use "
         "hydra/launcher=joblib or slurm, or one torchrun per run)"
     ]
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (3, 3), ("fa-train: stopped", 1)])
+def test_a_rank_leaves_with_sys_exits_status_and_nothing_unflushed(tmp_path: Path, code, status) -> None:
+    # A torchrun rank ends with os._exit (no interpreter shutdown): what it printed must still come
+    # out, and its status must be the one sys.exit(code) gives.
+    script = f"from fa_cli.distributed import leave; print('printed', end=''); leave({code!r})"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe is block-buffered
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "printed"  # only a flush gets it out before os._exit
+    assert (code in proc.stderr) if isinstance(code, str) else proc.stderr == ""

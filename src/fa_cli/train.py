@@ -88,6 +88,17 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    if not distributed.launched_by_torchrun():
+        _command(full_error)
+        return
+    try:
+        _command(full_error)
+    except SystemExit as done:
+        distributed.leave(done.code)
+    distributed.leave(0)
+
+
+def _command(full_error: bool) -> None:
     with distributed.process_group() as world, _files_of_rank(world):
         try:
             hydra_main()
