@@ -475,8 +475,8 @@ def fa_memory(
     """fa's step against bp's, split: fa whose ``B`` is stored in ``W``'s own memory does bp's arithmetic
     through the rule's Functions, so what fa costs beyond it is reading a second matrix the size of
     ``W`` (usf, frsf and brsf read it too)."""
-    runs = {m: build_case(runner_config([*MODELS["mlp"], f"method={m}"]), device) for m in ("bp", "fa")}
-    shared = build_case(runner_config([*MODELS["mlp"], "method=fa"]), device)
+    runs = cases_for(MODELS["mlp"], ["bp", "fa"], device)
+    shared = cases_for(MODELS["mlp"], ["fa"], device)["fa"]
     for layer in shared.model.modules():
         if isinstance(layer, AlignmentLayer) and layer.feedback is not None:
             layer._buffers["feedback"] = layer.weight.detach()  # the same storage: B is W

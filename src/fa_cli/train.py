@@ -81,21 +81,22 @@ def main() -> None:
     # With this set, Hydra re-raises errors instead of printing its multi-line report; we report below.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops a run as Ctrl-C does
-    if distributed.launched_by_torchrun() and {"-m", "--multirun"} & set(sys.argv[1:]):
+    torchrun = distributed.launched_by_torchrun()
+    if torchrun and {"-m", "--multirun"} & set(sys.argv[1:]):
         print(
             "fa-train: error: torchrun trains one run on several processes: drop -m (for a grid, use "
             "hydra/launcher=joblib or slurm, or one torchrun per run)",
             file=sys.stderr,
         )
         sys.exit(2)
-    if not distributed.launched_by_torchrun():
-        _command(full_error)
-        return
     try:
         _command(full_error)
     except SystemExit as done:
-        distributed.leave(done.code)
-    distributed.leave(0)
+        if torchrun:  # a rank ends without the interpreter's shutdown (distributed.leave says why)
+            distributed.leave(done.code)
+        raise
+    if torchrun:
+        distributed.leave(0)
 
 
 def _command(full_error: bool) -> None:

@@ -87,12 +87,13 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
         for m in model.modules()
         if isinstance(m, AlignmentLayer) and m.method == "kp" and m.feedback is not None
     ]
+    feedback = [b for _, b in pairs]
     if pairs:
-        optimizer.add_param_group({"params": [feedback for _, feedback in pairs]})
+        optimizer.add_param_group({"params": feedback})
         gradients = _SharedGradients(pairs)
         optimizer.register_step_pre_hook(gradients.lend)
         optimizer.register_step_post_hook(gradients.take_back)
-    return [feedback for _, feedback in pairs]
+    return feedback
 
 
 class _SharedGradients:
