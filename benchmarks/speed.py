@@ -7,6 +7,10 @@ steps     median milliseconds per training step (forward, loss, backward, optimi
           report's ANN and CNN, LeNet and a 4x1024 MLP on MNIST-shaped input, per rule, with
           examples/s and the ratio to bp. Rules are interleaved in a new random order every round,
           so machine noise hits all of them alike; the ratio is the median of per-round ratios.
+          Each timed block follows ``--settle`` untimed steps of the same network (see settle).
+settle    the MLP's step by its place after a switch from another network: the first steps run
+          slower while the network's weights, gradients and optimizer state come back into the
+          caches, which is why every timed block waits for the steady state.
 epoch     whole epochs on real MNIST (60,000 images) through the runner's own data path
           (``fa_cli.data.load`` -> ``fa_cli.engine.train_epoch``), and the same steps on batches
           gathered beforehand ("math only"): the difference is the time spent outside the math.
@@ -68,7 +72,7 @@ from fa_cli.alignment import METHODS, AlignmentLayer, convert, feedback
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
 
-SECTIONS = ("steps", "limits", "parts", "epoch", "biotorch", "sweep", "overhead")
+SECTIONS = ("steps", "settle", "limits", "parts", "epoch", "biotorch", "sweep", "overhead")
 #: The models of the step table: ``conf/model`` options, plus overrides for the 4x1024 MLP.
 MODELS: dict[str, list[str]] = {
     "ann": ["model=ann"],
@@ -178,18 +182,38 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def interleaved(
-    runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device, seed: int = 0
+    runs: dict[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device,
+    seed: int = 0,
+    before: dict[str, Callable[[], Any]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each run, ``rounds`` times; every round visits the runs in a new random order, so
-    that a burst of load from another process lands on a random run instead of always the same one."""
+    that a burst of load from another process lands on a random run instead of always the same one.
+    ``before[name]``, where given, runs untimed right before each timing of ``runs[name]``."""
     order = list(runs)
     shuffler = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         shuffler.shuffle(order)
         for name in order:
+            if before is not None:
+                before[name]()
             samples[name].append(timed(runs[name], device))
     return samples
+
+
+def settling(
+    cases: dict[str, Case], inputs: Tensor, targets: Tensor, steps: int
+) -> dict[str, Callable[[], Any]]:
+    """For ``interleaved``'s ``before``: ``steps`` untimed training steps of the network about to be
+    timed. A network's first steps after another's run slower while its weights, gradients and
+    optimizer state come back into the caches (section settle); a training run never switches, so
+    its steps are the steady ones."""
+    return {
+        m: (lambda c=case: [train_step(c, inputs, targets) for _ in range(steps)])
+        for m, case in cases.items()
+    }
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -336,7 +360,8 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
             faults[case.method] += minor_faults() - before
 
         runs = {m: (lambda c=case: run(c)) for m, case in cases.items()}
-        samples = interleaved(runs, args.reps, device, seed=args.seed)
+        settle = settling(cases, inputs, targets, args.settle)
+        samples = interleaved(runs, args.reps, device, seed=args.seed, before=settle)
         per_step = {m: [s / block for s in v] for m, v in samples.items()}
         ratios = paired_ratios(per_step, "bp") if "bp" in per_step else {}
         parameters = sum(p.numel() for p in first.model.parameters())
@@ -357,11 +382,43 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
             f"{name} ({parameters:,} parameters): one training step, batch {args.batch_size}, {device}",
             ["method", "ms/step", "spread", "examples/s", "× bp (IQR)", "page faults/step"],
             rows,
-            note=f"median of {args.reps} interleaved rounds of {block} step(s); spread = IQR/2 of the "
-            "median; page faults: the process's minor faults (getrusage) in the rule's timed steps, per step",
+            note=f"median of {args.reps} interleaved rounds of {block} step(s), each after {args.settle} "
+            "untimed one(s) of the same network; spread = IQR/2 of the median; page faults: the process's "
+            "minor faults (getrusage) in the rule's timed steps, per step",
         )
         del cases
         gc.collect()
+
+
+def section_settle(args: argparse.Namespace, report: Report, device: torch.device) -> None:
+    """The MLP's steps timed one by one after a switch from another network: why ``--settle``."""
+    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    cases = cases_for(MODELS["mlp"], args.methods, device)
+    for case in cases.values():
+        for _ in range(args.warmup):
+            train_step(case, inputs, targets)
+    # times[m][i]: the (i+1)-th step of rule m after the previous rule's steps, one list per place.
+    times: dict[str, list[list[float]]] = {m: [[] for _ in range(args.settle_steps)] for m in cases}
+    order, shuffler = list(cases), random.Random(args.seed)
+    for _ in range(args.reps):
+        shuffler.shuffle(order)
+        for m in order:
+            for place in times[m]:
+                place.append(timed(lambda c=cases[m]: train_step(c, inputs, targets), device))
+    rows = []
+    for m, places in times.items():
+        medians = [statistics.median(place) for place in places]
+        rows.append([m, *(ms(t) for t in medians), f"{medians[0] / medians[-1]:.2f}"])
+    report.table(
+        f"mlp: ms per step by its place after another network's steps, batch {args.batch_size}, {device}",
+        ["method", *(f"step {i + 1}" for i in range(args.settle_steps)), "first / last"],
+        rows,
+        note=f"median of {args.reps} rounds; each round runs every rule's network for {args.settle_steps} "
+        "steps in a new random order, each step timed alone",
+    )
+    del cases
+    gc.collect()
 
 
 # --- what a rule adds to a step --------------------------------------------------------------------
@@ -490,14 +547,15 @@ def fa_memory(
     def steps(case: Case) -> Callable[[], None]:
         return lambda: [train_step(case, inputs, targets) for _ in range(block)]
 
-    samples = interleaved({m: steps(c) for m, c in runs.items()}, args.reps, device, seed=args.seed)
+    settle = settling(runs, inputs, targets, args.settle)
+    samples = interleaved({m: steps(c) for m, c in runs.items()}, args.reps, device, args.seed, settle)
     ratios = paired_ratios(samples, "bp")
     rows = [[m, ms(statistics.median(v) / block), ratio(ratios[m])] for m, v in samples.items()]
     report.table(
         f"fa's step on the 4x1024 MLP, with B in its own memory and in W's, {device}",
         ["method", "ms/step", "× bp (IQR)"],
         rows,
-        note=f"median of {args.reps} interleaved rounds of {block} step(s)",
+        note=f"median of {args.reps} interleaved rounds of {block} step(s), each after {args.settle} untimed",
     )
     runs.clear()
     gc.collect()
@@ -971,8 +1029,9 @@ def section_sweep(args: argparse.Namespace, report: Report, device: torch.device
                 for _ in range(n):
                     train_step(case, inputs, targets)
 
+            settle = settling(cases, inputs, targets, args.settle)
             samples = interleaved(
-                {m: (lambda c=c: run(c)) for m, c in cases.items()}, rounds, device, args.seed
+                {m: (lambda c=c: run(c)) for m, c in cases.items()}, rounds, device, args.seed, settle
             )
             per_step = {m: [s / block for s in v] for m, v in samples.items()}
             ratios = paired_ratios(per_step, "bp") if "bp" in per_step else {}
@@ -997,8 +1056,9 @@ def section_sweep(args: argparse.Namespace, report: Report, device: torch.device
         columns,
         rows,
         note=(
-            f"median of interleaved rounds (3 to {args.sweep_reps}, fewer for big networks); ratios are "
-            "medians of per-round ratios. GFLOP/s counts the step's matmuls only."
+            f"median of interleaved rounds (3 to {args.sweep_reps}, fewer for big networks), each block "
+            f"after {args.settle} untimed step(s); ratios are medians of per-round ratios. GFLOP/s counts "
+            "the step's matmuls only."
         ),
     )
 
@@ -1206,6 +1266,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--reps", type=int, default=40, help="interleaved rounds per model in 'steps'")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per model and rule")
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=4,
+        help="untimed steps of a network right before each of its timed blocks (steps, limits, sweep): "
+        "its first steps after another network's run slower (section settle); 0 times them too",
+    )
+    p.add_argument("--settle-steps", type=int, default=8, help="steps timed one by one in 'settle'")
     p.add_argument("--min-sample", type=float, default=0.02, help="seconds a timed block lasts at least")
     p.add_argument("--limit-rounds", type=int, default=5, help="profiled rounds per rule in 'limits'")
     p.add_argument("--limit-steps", type=int, default=10, help="steps per profiled round in 'limits'")
@@ -1271,6 +1339,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--clock thread needs --threads 1 and the CPU (other threads' work would not be counted)")
     if args.quick:
         args.reps, args.warmup, args.epoch_reps, args.bt_reps, args.min_sample = 5, 2, 1, 1, 0.005
+        args.settle, args.settle_steps = 1, 3
         args.limit_rounds, args.limit_steps = 1, 3
         args.subset = args.subset or 3000
         args.widths, args.depths, args.sweep_reps, args.sweep_budget = [256, 1024], [2, 4], 3, 0.5
@@ -1314,6 +1383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     sections: dict[str, Callable[[], None]] = {
         "steps": lambda: section_steps(args, report, device),
+        "settle": lambda: section_settle(args, report, device),
         "limits": lambda: section_limits(args, report, device),
         "parts": lambda: section_parts(args, report, device),
         "epoch": lambda: section_epoch(args, report, device),

@@ -32,15 +32,17 @@ def test_speed_quick_cpu_sections_report_every_rule(speed, tmp_path):
     out = tmp_path / "speed.md"
     methods = ["bp", "fa", "dfa", "usf", "brsf", "kp"]
     speed.main(
-        ["--quick", "--markdown", "--sections", "steps", "limits", "parts", "--models", "ann"]
+        ["--quick", "--markdown", "--sections", "steps", "settle", "limits", "parts", "--models", "ann"]
         + ["--methods", *methods, "--output", str(out)]
     )
     text = out.read_text()
     assert feedback.drawn_magnitudes is draw  # the profiler's label is taken off again
-    steps = text[text.index("ann (") : text.index("Where a step")]
+    steps = text[text.index("ann (") : text.index("mlp: ms per step by its place")]
+    settle = text[text.index("mlp: ms per step by its place") : text.index("Where a step")]
     limits = text[text.index("Where a step") : text.index("What the rounds")]
     for method in methods:
-        assert f"| {method} |" in steps and f"| {method} |" in limits
+        assert f"| {method} |" in steps and f"| {method} |" in settle and f"| {method} |" in limits
+    assert "| method | step 1 | step 2 | step 3 | first / last |" in settle
     brsf = next(line for line in limits.splitlines() if line.startswith("| brsf |"))
     random_numbers = float(brsf.split("|")[6])  # the "random numbers (brsf)" column
     assert random_numbers > 0  # brsf's draws are found and labelled
@@ -100,3 +102,24 @@ def test_results_doc_gives_one_grid_command_per_recipe():
         "`fa-train -m experiment=report_cnn_adamw method=bp,fa seed=0,1 trainer.epochs=20`",
         "`fa-train -m experiment=report_cnn_adamw method=dfa seed=0,1 optim.lr=0.003 trainer.epochs=20`",
     ]
+
+
+def test_interleaved_runs_before_untimed_right_before_each_timing(speed, monkeypatch):
+    calls = []
+    now = [0.0]
+
+    def work(name, seconds):
+        def run():
+            calls.append(name)
+            now[0] += seconds
+
+        return run
+
+    monkeypatch.setattr(speed, "clock", lambda: now[0])
+    runs = {"a": work("a", 1.0), "b": work("b", 2.0)}
+    before = {"a": work("settle a", 100.0), "b": work("settle b", 100.0)}
+    samples = speed.interleaved(runs, 3, speed.torch.device("cpu"), before=before)
+    assert samples == {"a": [1.0] * 3, "b": [2.0] * 3}  # the settling steps are not timed
+    assert len(calls) == 12
+    for settle, run in zip(calls[::2], calls[1::2], strict=True):
+        assert settle == f"settle {run}"
