@@ -2,8 +2,9 @@
 # The torchrun path on one GPU: `torchrun --nproc_per_node=1 -m fa_cli.train ... trainer.device=cuda`
 # trains with DistributedDataParallel over NCCL, and ends with the weights of a plain one-process run
 # of the same config on the same GPU (dfa: projected output error; kp: B takes W's gradient after DDP
-# has averaged it, fa_cli.alignment.train_feedback). Then one epoch of a torchvision ResNet-18 under torchrun, whose BatchNorm
-# becomes SyncBatchNorm on CUDA. Five short runs, one after another; each starts its own processes.
+# has averaged it, fa_cli.alignment.train_feedback). Then one epoch of a torchvision ResNet-18 under
+# torchrun, whose BatchNorm becomes SyncBatchNorm on CUDA. Five short runs, one after another; each
+# starts its own processes.
 #
 #   OUT=/tmp/ddp benchmarks/ddp_gpu_check.sh                      # generated data
 #   OUT=/tmp/ddp FA_DATA_DIR=/data benchmarks/ddp_gpu_check.sh    # MNIST, from /data/MNIST/raw/

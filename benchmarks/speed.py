@@ -400,12 +400,12 @@ def section_settle(args: argparse.Namespace, report: Report, device: torch.devic
             train_step(case, inputs, targets)
     # times[m][i]: the (i+1)-th step of rule m after the previous rule's steps, one list per place.
     times: dict[str, list[list[float]]] = {m: [[] for _ in range(args.settle_steps)] for m in cases}
-    order, shuffler = list(cases), random.Random(args.seed)
-    for _ in range(args.reps):
-        shuffler.shuffle(order)
-        for m in order:
-            for place in times[m]:
-                place.append(timed(lambda c=cases[m]: train_step(c, inputs, targets), device))
+
+    def run(case: Case) -> None:
+        for place in times[case.method]:
+            place.append(timed(lambda: train_step(case, inputs, targets), device))
+
+    interleaved({m: (lambda c=case: run(c)) for m, case in cases.items()}, args.reps, device, seed=args.seed)
     rows = []
     for m, places in times.items():
         medians = [statistics.median(place) for place in places]
@@ -1332,7 +1332,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.reps, args.warmup = 15, 5
         args.widths, args.depths, args.sweep_budget = [256, 1024, 4096], [2, 8], 1.0
         args.overhead_models, args.overhead_epochs = ["ann", "cnn"], 1
-        # On an H200 the first three sections take about 115 s and the overhead section about 40.
+        # On an H200 epoch, steps and sweep took 113 s before --settle (which lengthens steps and
+        # sweep by about half, some 15 s), the overhead section 42 s.
         args.time_limit = args.time_limit or 150.0
     args.device = args.device or "cpu"
     if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
