@@ -150,6 +150,24 @@ def train_step(case: Case, inputs: Tensor, targets: Tensor) -> Tensor:
     return loss
 
 
+def train_steps(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> None:
+    for _ in range(steps):
+        train_step(case, inputs, targets)
+
+
+def warm_up(cases: dict[str, Case], inputs: Tensor, targets: Tensor, steps: int) -> None:
+    """``steps`` steps of every case: allocator, oneDNN primitives, dfa's first feedback draw."""
+    for case in cases.values():
+        train_steps(case, inputs, targets, steps)
+
+
+def noise_batch(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor]:
+    """One batch of MNIST-shaped, normalised noise and its labels: what the step tables train on."""
+    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    return inputs, targets
+
+
 # --- timing -------------------------------------------------------------------------------------
 
 
@@ -210,10 +228,7 @@ def settling(
     timed. A network's first steps after another's run slower while its weights, gradients and
     optimizer state come back into the caches (section settle); a training run never switches, so
     its steps are the steady ones."""
-    return {
-        m: (lambda c=case: [train_step(c, inputs, targets) for _ in range(steps)])
-        for m, case in cases.items()
-    }
+    return {m: (lambda c=case: train_steps(c, inputs, targets, steps)) for m, case in cases.items()}
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -338,13 +353,10 @@ def machine(report: Report, device: torch.device) -> float:
 
 
 def section_steps(args: argparse.Namespace, report: Report, device: torch.device) -> None:
-    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)  # MNIST-shaped, normalised
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    inputs, targets = noise_batch(args, device)
     for name in args.models:
         cases = cases_for(MODELS[name], args.methods, device)
-        for case in cases.values():  # warm-up: allocator, oneDNN primitives, dfa's first feedback draw
-            for _ in range(args.warmup):
-                train_step(case, inputs, targets)
+        warm_up(cases, inputs, targets, args.warmup)
         # A sample times a block of steps long enough (>= ~20 ms) for the clock and the scheduler's
         # jitter to be small next to it; all rules of a model use the same block.
         first = next(iter(cases.values()))
@@ -355,8 +367,7 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
 
         def run(case: Case, n: int = block, faults: dict[str, int] = faults) -> None:
             before = minor_faults()
-            for _ in range(n):
-                train_step(case, inputs, targets)
+            train_steps(case, inputs, targets, n)
             faults[case.method] += minor_faults() - before
 
         runs = {m: (lambda c=case: run(c)) for m, case in cases.items()}
@@ -392,12 +403,9 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
 
 def section_settle(args: argparse.Namespace, report: Report, device: torch.device) -> None:
     """The MLP's steps timed one by one after a switch from another network: why ``--settle``."""
-    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    inputs, targets = noise_batch(args, device)
     cases = cases_for(MODELS["mlp"], args.methods, device)
-    for case in cases.values():
-        for _ in range(args.warmup):
-            train_step(case, inputs, targets)
+    warm_up(cases, inputs, targets, args.warmup)
     # times[m][i]: the (i+1)-th step of rule m after the previous rule's steps, one list per place.
     times: dict[str, list[list[float]]] = {m: [[] for _ in range(args.settle_steps)] for m in cases}
 
@@ -469,8 +477,7 @@ def profile_step(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> dic
     feedback.drawn_magnitudes = labelled_draw
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                train_step(case, inputs, targets)
+            train_steps(case, inputs, targets, steps)
     finally:
         feedback.drawn_magnitudes = draw
     kinds = {name: kind for kind, names in OP_KINDS.items() for name in names}
@@ -486,12 +493,9 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     if device.type != "cpu":
         report.line("limits: CPU only (the profiler's CPU self times are what is compared)")
         return
-    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    inputs, targets = noise_batch(args, device)
     cases = cases_for(MODELS["mlp"], args.methods, device)
-    for case in cases.values():
-        for _ in range(args.warmup):
-            train_step(case, inputs, targets)
+    warm_up(cases, inputs, targets, args.warmup)
     # Rounds in a random order each, and the median per kind over rounds, as elsewhere.
     rounds: dict[str, list[dict[str, float]]] = {m: [] for m in cases}
     shuffler, order = random.Random(args.seed), list(cases)
@@ -538,17 +542,18 @@ def fa_memory(
         if isinstance(layer, AlignmentLayer) and layer.feedback is not None:
             layer._buffers["feedback"] = layer.weight.detach()  # the same storage: B is W
     runs["fa, B in W's memory"] = shared
-    for case in runs.values():
-        for _ in range(args.warmup):
-            train_step(case, inputs, targets)
+    warm_up(runs, inputs, targets, args.warmup)
     bp = runs["bp"]
     block = max(1, math.ceil(args.min_sample / timed(lambda: train_step(bp, inputs, targets), device)))
 
-    def steps(case: Case) -> Callable[[], None]:
-        return lambda: [train_step(case, inputs, targets) for _ in range(block)]
-
     settle = settling(runs, inputs, targets, args.settle)
-    samples = interleaved({m: steps(c) for m, c in runs.items()}, args.reps, device, args.seed, settle)
+    samples = interleaved(
+        {m: (lambda c=c: train_steps(c, inputs, targets, block)) for m, c in runs.items()},
+        args.reps,
+        device,
+        args.seed,
+        settle,
+    )
     ratios = paired_ratios(samples, "bp")
     rows = [[m, ms(statistics.median(v) / block), ratio(ratios[m])] for m, v in samples.items()]
     report.table(
@@ -1008,8 +1013,7 @@ def mlp_flops(widths: Sequence[int], batch: int, method: str, inputs: int = 784,
 
 
 def section_sweep(args: argparse.Namespace, report: Report, device: torch.device, peak: float) -> None:
-    inputs = torch.randn(args.batch_size, 1, 28, 28, device=device)
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    inputs, targets = noise_batch(args, device)
     methods = [m for m in args.sweep_methods if m in METHODS]
     rows = []
     for width in args.widths:
@@ -1017,22 +1021,15 @@ def section_sweep(args: argparse.Namespace, report: Report, device: torch.device
             widths = [width] * depth
             overrides = ["model=mlp", f"model.widths=[{','.join(map(str, widths))}]"]
             cases = cases_for(overrides, methods, device)
-            for case in cases.values():
-                for _ in range(2):
-                    train_step(case, inputs, targets)
+            warm_up(cases, inputs, targets, 2)
             step = timed(lambda c=cases[methods[0]]: train_step(c, inputs, targets), device)
             # Big networks get fewer rounds (at least 3) so the sweep stays within minutes.
             rounds = max(3, min(args.sweep_reps, int(args.sweep_budget / (step * len(methods)))))
             block = max(1, math.ceil(args.min_sample / step))
 
-            def run(case: Case, n: int = block) -> None:
-                for _ in range(n):
-                    train_step(case, inputs, targets)
-
             settle = settling(cases, inputs, targets, args.settle)
-            samples = interleaved(
-                {m: (lambda c=c: run(c)) for m, c in cases.items()}, rounds, device, args.seed, settle
-            )
+            runs = {m: (lambda c=c, n=block: train_steps(c, inputs, targets, n)) for m, c in cases.items()}
+            samples = interleaved(runs, rounds, device, args.seed, settle)
             per_step = {m: [s / block for s in v] for m, v in samples.items()}
             ratios = paired_ratios(per_step, "bp") if "bp" in per_step else {}
             parameters = sum(p.numel() for p in cases[methods[0]].model.parameters())
@@ -1270,8 +1267,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--settle",
         type=int,
         default=4,
-        help="untimed steps of a network right before each of its timed blocks (steps, limits, sweep): "
-        "its first steps after another network's run slower (section settle); 0 times them too",
+        help="untimed steps of a network right before each of its timed blocks (steps, sweep, and the fa "
+        "split in limits): its first steps after another network's run slower (section settle); 0 times "
+        "them too",
     )
     p.add_argument("--settle-steps", type=int, default=8, help="steps timed one by one in 'settle'")
     p.add_argument("--min-sample", type=float, default=0.02, help="seconds a timed block lasts at least")
