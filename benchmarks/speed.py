@@ -1330,8 +1330,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.reps, args.warmup = 15, 5
         args.widths, args.depths, args.sweep_budget = [256, 1024, 4096], [2, 8], 1.0
         args.overhead_models, args.overhead_epochs = ["ann", "cnn"], 1
-        # On an H200 epoch, steps and sweep took 113 s before --settle (which lengthens steps and
-        # sweep by about half, some 15 s), the overhead section 42 s.
+        # On an H200 epoch, steps and sweep took 113 s before --settle, the overhead section 42 s;
+        # settling adds untimed steps to steps and sweep, estimated at some 15 s (not yet run on a GPU).
         args.time_limit = args.time_limit or 150.0
     args.device = args.device or "cpu"
     if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):

@@ -92,7 +92,7 @@ def main() -> None:
     try:
         _command(full_error)
     except SystemExit as done:
-        if torchrun:  # a rank ends without the interpreter's shutdown (distributed.leave says why)
+        if torchrun:  # fa-train's own exit, without the interpreter's shutdown (distributed.leave says why)
             distributed.leave(done.code)
         raise
     if torchrun:
