@@ -172,6 +172,42 @@ def test_torchrun_refuses_a_grid(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     ]
 
 
+def test_a_rank_that_fails_prints_its_traceback_and_leaves_with_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # Not only fa-train's own exits: a run that fails with an exception skips the interpreter's shutdown
+    # too, where gloo's threads can abort the process, after printing what Python would have printed.
+    from fa_cli import train
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored after the test, as main() sets it
+
+    def fail(full_error: bool) -> None:
+        raise RuntimeError("a collective timed out")
+
+    left: list[int | str | None] = []
+
+    def leave(code: int | str | None) -> None:
+        left.append(code)
+        raise SystemExit(code)  # os._exit would end the test run
+
+    monkeypatch.setattr(train, "_command", fail)
+    monkeypatch.setattr(train.distributed, "leave", leave)
+    monkeypatch.setattr(sys, "argv", ["fa-train", *RUN])
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            train.main()
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert (exit.value.code, left) == (1, [1])
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert err.rstrip().endswith("RuntimeError: a collective timed out")
+
+
 @pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (3, 3), ("fa-train: stopped", 1)])
 def test_a_rank_leaves_with_sys_exits_status_and_nothing_unflushed(tmp_path: Path, code, status) -> None:
     # A torchrun rank ends with os._exit (no interpreter shutdown): what it printed must still come

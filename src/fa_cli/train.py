@@ -95,6 +95,11 @@ def main() -> None:
         if torchrun:  # fa-train's own exit, without the interpreter's shutdown (distributed.leave says why)
             distributed.leave(done.code)
         raise
+    except Exception:
+        if torchrun:  # a traceback, printed as Python prints it, and Python's status 1; then the same exit
+            sys.excepthook(*sys.exc_info())
+            distributed.leave(1)
+        raise
     if torchrun:
         distributed.leave(0)
 
