@@ -208,17 +208,28 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Seconds of each run, ``rounds`` times; every round visits the runs in a new random order, so
     that a burst of load from another process lands on a random run instead of always the same one.
+    No run starts a round that it ended, so that (with two runs or more) every timing follows another
+    run's: section settle times the steps right after such a switch. (Two runs simply alternate.)
     ``before[name]``, where given, runs untimed right before each timing of ``runs[name]``."""
     order = list(runs)
     shuffler = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
+        last = order[-1]
         shuffler.shuffle(order)
+        if len(order) > 1 and order[0] == last:
+            swap = shuffler.randrange(1, len(order))
+            order[0], order[swap] = order[swap], order[0]
         for name in order:
             if before is not None:
                 before[name]()
             samples[name].append(timed(runs[name], device))
     return samples
+
+
+def block_steps(step_seconds: float, min_sample: float) -> int:
+    """How many steps of ``step_seconds`` a timed block takes to last at least ``min_sample`` seconds."""
+    return max(1, math.ceil(min_sample / step_seconds))
 
 
 def settling(
@@ -361,7 +372,7 @@ def section_steps(args: argparse.Namespace, report: Report, device: torch.device
         # jitter to be small next to it; all rules of a model use the same block.
         first = next(iter(cases.values()))
         estimate = min(timed(lambda c=first: train_step(c, inputs, targets), device) for _ in range(3))
-        block = max(1, math.ceil(args.min_sample / estimate))
+        block = block_steps(estimate, args.min_sample)
 
         faults = dict.fromkeys(cases, 0)  # minor page faults taken by each rule's timed steps
 
@@ -544,7 +555,7 @@ def fa_memory(
     runs["fa, B in W's memory"] = shared
     warm_up(runs, inputs, targets, args.warmup)
     bp = runs["bp"]
-    block = max(1, math.ceil(args.min_sample / timed(lambda: train_step(bp, inputs, targets), device)))
+    block = block_steps(timed(lambda: train_step(bp, inputs, targets), device), args.min_sample)
 
     settle = settling(runs, inputs, targets, args.settle)
     samples = interleaved(
@@ -1025,7 +1036,7 @@ def section_sweep(args: argparse.Namespace, report: Report, device: torch.device
             step = timed(lambda c=cases[methods[0]]: train_step(c, inputs, targets), device)
             # Big networks get fewer rounds (at least 3) so the sweep stays within minutes.
             rounds = max(3, min(args.sweep_reps, int(args.sweep_budget / (step * len(methods)))))
-            block = max(1, math.ceil(args.min_sample / step))
+            block = block_steps(step, args.min_sample)
 
             settle = settling(cases, inputs, targets, args.settle)
             runs = {m: (lambda c=c, n=block: train_steps(c, inputs, targets, n)) for m, c in cases.items()}

@@ -123,3 +123,19 @@ def test_interleaved_runs_before_untimed_right_before_each_timing(speed, monkeyp
     assert len(calls) == 12
     for settle, run in zip(calls[::2], calls[1::2], strict=True):
         assert settle == f"settle {run}"
+
+
+def test_interleaved_never_times_a_run_right_after_itself(speed, monkeypatch):
+    # Section settle times a network's first steps after another network's: with a plain shuffle per
+    # round, the run that ends one round would start the next about once in as many rounds as runs.
+    calls = []
+    monkeypatch.setattr(speed, "clock", lambda: 0.0)
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    for seed in range(5):
+        calls.clear()
+        speed.interleaved(runs, 60, speed.torch.device("cpu"), seed=seed)
+        assert len(calls) == 180
+        assert all(previous != name for previous, name in zip(calls, calls[1:], strict=False))
+        rounds = [calls[i : i + 3] for i in range(0, 180, 3)]
+        assert all(sorted(order) == ["a", "b", "c"] for order in rounds)
+        assert len({tuple(order) for order in rounds}) > 1  # still shuffled
