@@ -434,7 +434,8 @@ def section_settle(args: argparse.Namespace, report: Report, device: torch.devic
         ["method", *(f"step {i + 1}" for i in range(args.settle_steps)), "first / last"],
         rows,
         note=f"median of {args.reps} rounds; each round runs every rule's network for {args.settle_steps} "
-        "steps in a new random order, each step timed alone",
+        "steps in a new random order (never first the one that ended the round before), each step timed "
+        "alone",
     )
     del cases
     gc.collect()
