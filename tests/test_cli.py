@@ -83,6 +83,7 @@ def test_a_run_writes_config_metrics_checkpoint_and_results(tmp_path):
 
 def test_the_same_seed_gives_the_same_run(fa_train, tmp_path):
     def metrics(seed: int) -> tuple[list, float]:
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)  # a folder holding another seed's run is kept
         proc = fa_train(*SMOKE, "method=fa", f"seed={seed}")
         assert proc.returncode == 0, proc.stderr
         rows = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "run")]

@@ -155,20 +155,39 @@ def test_a_truncated_checkpoint_is_refused(make, tmp_path):
         runner.train(make("trainer.epochs=1", f"trainer.resume={checkpoint}"), tmp_path / "run")
 
 
-def test_skip_completed_refuses_to_overwrite_another_configs_run(make, tmp_path):
+@pytest.mark.parametrize("skip_completed", [False, True])
+def test_a_folder_holding_another_configs_run_is_never_written_into(make, tmp_path, skip_completed):
     runner.train(make("trainer.epochs=1"), tmp_path / "run")
     before = snapshot(tmp_path / "run")
-    with pytest.raises(runner.FolderTaken, match=r"^trainer.skip_completed: .*trainer.epochs: 1 -> 2"):
-        runner.train(make("trainer.epochs=2", "trainer.skip_completed=true"), tmp_path / "run")
+    taken = rf"^{tmp_path / 'run'}: holds a run of another config \(trainer.epochs: 1 -> 2\); not writing"
+    with pytest.raises(runner.FolderTaken, match=taken):
+        runner.train(make("trainer.epochs=2", f"trainer.skip_completed={skip_completed}"), tmp_path / "run")
     assert snapshot(tmp_path / "run") == before
 
 
-def test_skip_completed_reruns_a_run_that_failed_before_it_started(make, tmp_path):
-    # What fa-train records for a job that failed on its config: no config, no result to keep.
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "results.json").write_text('{"status": "failed", "error": "model: ..."}')
-    rerun = runner.train(make("trainer.epochs=1", "trainer.skip_completed=true"), tmp_path / "run")
-    assert rerun["status"] == "completed" and "resumed_from" not in rerun
+def test_a_run_into_another_configs_folder_is_refused_before_hydra_writes_there(fa_train, tmp_path):
+    assert fa_train(*SMOKE, "trainer.epochs=1").returncode == 0
+    before = snapshot(tmp_path / "run")  # .hydra/ and train.log included
+    proc = fa_train(*SMOKE, "trainer.epochs=1", "method=fa")
+    assert proc.returncode == 2
+    message = one_error_line(proc.stderr)
+    assert message.startswith(f"{tmp_path / 'run'}: holds a run of another config (method.name: bp -> fa")
+    assert snapshot(tmp_path / "run") == before
+    # The same config again is a rerun, as before: it may write there.
+    assert fa_train(*SMOKE, "trainer.epochs=1").returncode == 0
+
+
+def test_a_grid_into_another_grids_folder_is_refused_before_any_job_writes(fa_train, tmp_path):
+    grid = ["-m", *SMOKE, "trainer.epochs=1", "method=bp,fa"]
+    assert fa_train(*grid).returncode == 0
+    before = snapshot(tmp_path / "sweep")  # multirun.yaml, each job's .hydra/, summary.md included
+    proc = fa_train(*grid, "optim.lr=0.05")
+    assert proc.returncode == 2
+    message = one_error_line(proc.stderr)
+    job = tmp_path / "sweep" / "0_synthetic_ann_bp_seed0"
+    assert message.startswith(f"{job}: holds a run of another config (optim.lr: 0.01 -> 0.05)")
+    assert "(job dataset=synthetic " in message and message.endswith(" method=bp optim.lr=0.05)")
+    assert snapshot(tmp_path / "sweep") == before
 
 
 # --- divergence -----------------------------------------------------------------------------------
@@ -467,3 +486,36 @@ def test_cuda_without_cuda_fails_a_grid_before_its_first_job(fa_train, tmp_path)
     assert proc.returncode == 2
     assert one_error_line(proc.stderr).startswith("trainer.device: cuda but CUDA is not available")
     assert not list(tmp_path.glob("sweep/*/results.json"))
+
+
+def test_resuming_in_place_from_data_that_fails_keeps_the_finished_runs_files(fa_train, tmp_path):
+    # dataset.root may change between a run and its resumption (it names where the data is, not what
+    # it is), so this is the same config: the run starts, and its data fails to load.
+    fake_mnist(tmp_path / "data")
+    mnist = ["dataset=mnist", "trainer.epochs=1", "trainer.threads=1", "diagnostics.plots=false"]
+    assert fa_train(*mnist, f"dataset.root={tmp_path / 'data'}").returncode == 0
+    before = snapshot(tmp_path / "run")
+    resume = [f"trainer.resume={tmp_path / 'run'}", f"dataset.root={tmp_path / 'elsewhere'}"]
+    proc = fa_train(*mnist, *resume)
+    assert proc.returncode == 2
+    assert "not found in" in one_error_line(proc.stderr)
+    own = ("results.json", "metrics.csv", "checkpoint.pt")
+    assert {k: v for k, v in snapshot(tmp_path / "run").items() if k in own} == {
+        k: v for k, v in before.items() if k in own
+    }
+    assert results(tmp_path / "run")["status"] == "completed"
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, grid):
+    (tmp_path / "afile").write_text("not a folder")
+    key = "hydra.sweep.dir" if grid else "hydra.run.dir"
+    args = ["-m", "method=bp,fa"] if grid else []
+    proc = run_cli("fa_cli.train", *args, *SMOKE, f"{key}={tmp_path / 'afile'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr) == f"{key}: {tmp_path / 'afile'} is a file, not a folder"
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    below = tmp_path / "afile" / "run"
+    proc = run_cli("fa_cli.train", *args, *SMOKE, f"{key}={below}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr).startswith(f"{key}: cannot make the folder {below}")

@@ -550,20 +550,25 @@ class ValidateSweep(Callback):
     job fails in seconds instead of after hours of the others."""
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
-        if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
-            return  # other sweepers choose their jobs as they go: each job validates itself
-        params = config.hydra.sweeper.get("params") or {}
-        arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-        try:
-            overrides = OverridesParser.create().parse_overrides(arguments)
-            jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        except HydraException:
-            return  # e.g. glob() sweeps need Hydra's config loader to expand: each job validates itself
-        for job in jobs:
+        for job in sweep_jobs(config) or []:
             try:
                 check_sweep_job(validate(compose(config_name=config_name, overrides=list(job))))
             except (ConfigError, HydraException, OmegaConfBaseException) as e:
                 raise Abort(e, context=f"job {' '.join(job)}") from e
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The overrides of each job of a multirun, in Hydra's job order (the number of its folder); None
+    when they are not known before the jobs run."""
+    if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return None  # other sweepers choose their jobs as they go: each job checks itself
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    try:
+        overrides = OverridesParser.create().parse_overrides(arguments)
+        return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except HydraException:
+        return None  # e.g. glob() sweeps need Hydra's config loader to expand: each job checks itself
 
 
 def check_sweep_job(run: RunConfig) -> None:

@@ -32,10 +32,12 @@ from typing import Any
 
 import hydra
 import torch
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,6 +56,7 @@ from fa_cli.config import (
     check_sweep_job,
     describe,
     flatten,
+    sweep_jobs,
     validate,
 )
 from fa_cli.diagnostics import FIELDS as ALIGNMENT_FIELDS
@@ -204,8 +207,8 @@ def train(
     if cfg.trainer.skip_completed and world_active:
         # The other ranks cannot see rank 0's folder to skip with it; resuming works (all read it).
         raise ConfigError("trainer.skip_completed", "not under torchrun; use trainer.resume=RUN_DIR")
+    previous = _previous_run(cfg, run_dir)  # FolderTaken when another config's run is there
     if cfg.trainer.skip_completed:
-        previous = _previous_run(cfg, run_dir)
         if previous is not None and previous["status"] in FINISHED:
             log.info(f"skipped: {run_dir} already holds this run, {previous['status']}")
             return previous
@@ -319,13 +322,19 @@ class Run:
             self.trackers = tracking.start(run_dir, self.results["config"], tags)
             self.results["trackers"] = self.trackers.info()
             self.trackers.replay(self.history, self.diagnostics.rows if self.diagnostics else [])
+        # Files are written from the start of training (start_files), once the data has loaded: a run
+        # that fails before, e.g. on a missing dataset, leaves a folder's earlier results as they were.
+        self.files_started = False
+
+    def start_files(self) -> None:
+        """results.json (running) and the CSVs with their headers, and a resumed run's earlier rows."""
+        self.files_started = True
         if self.world.main:  # under torchrun, rank 0 alone writes the run's files
-            run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
-            write_json(run_dir / "results.json", self.results)
-            # The file exists from the start: the header, and a resumed run's earlier epochs.
-            write_csv(run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
+            write_json(self.run_dir / "results.json", self.results)
+            write_csv(self.run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
             if self.diagnostics is not None:
-                write_csv(run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
+                write_csv(self.run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
 
     def fit(self) -> str:
         """Load the data, train, and test the selected epoch's model. Returns the status."""
@@ -337,6 +346,7 @@ class Run:
             val_examples=len(splits.val) if splits.val else 0,
             test_examples=len(splits.test),
         )
+        self.start_files()
         model.to(self.device)
         optimizer = build_optimizer(cfg.optim, model)
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.trainer.epochs)
@@ -479,9 +489,13 @@ class Run:
             wall_seconds=round(time.time() - self.started, 2),
             finished_at=_now(),
         )
-        if self.world.main:
+        # Before training started, only a folder without results gets them (a run that ended on its data
+        # or an interrupt): an earlier run's results in the folder are kept.
+        fresh = not (self.run_dir / "results.json").exists()
+        if self.world.main and (self.files_started or fresh):
             write_json(self.run_dir / "results.json", self.results)
-            self.plot()
+            if self.files_started:
+                self.plot()
         self.trackers.finish(self.results)  # after the plots: they go to MLflow as artifacts
         return self.results
 
@@ -551,7 +565,7 @@ def _record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], error:
 
 
 class FolderTaken(ConfigError):
-    """``trainer.skip_completed`` found another config's run in the run folder: not overwritten."""
+    """The run folder holds another config's run: nothing is written into it."""
 
 
 def read_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
@@ -592,7 +606,7 @@ RESUME_KEYS = (
 def _previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     """The results.json of this config already in ``run_dir``, or None when there is none (or it is
     unreadable: a run killed before its first write). Raises :class:`FolderTaken` when the folder
-    holds another config's run, which skipping or resuming would overwrite."""
+    holds another config's run, which a run of this one would overwrite."""
     try:
         previous = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
@@ -601,12 +615,71 @@ def _previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         return None  # it failed before it started (e.g. a model that cannot take the images): no result
     differences = _differences(previous["config"], dataclasses.asdict(cfg))
     if differences:
+        if cfg.trainer.resume is not None:  # its own refusal says more: the command that resumes it
+            read_checkpoint(Path(cfg.trainer.resume), cfg)
         raise FolderTaken(
-            "trainer.skip_completed",
-            f"{run_dir} holds a run of another config ({differences}); not overwriting it: relaunch into "
-            "a new folder (hydra.sweep.dir=, hydra.run.dir=), or without trainer.skip_completed",
+            str(run_dir),
+            f"holds a run of another config ({differences}); not writing into it: run in another folder "
+            "(hydra.run.dir=, or hydra.sweep.dir= for a grid)",
         )
     return previous
+
+
+class RunFolders(Callback):
+    """Checks the folders a run or a grid will write before Hydra writes there (the job's ``.hydra/``
+    and log): each can be made, and none holds another config's run, which is left untouched.
+    (:func:`train` checks the latter again, for callers without Hydra and for sweepers that choose
+    their jobs as they go.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = _made("hydra.run.dir", config.hydra.run.dir)
+        _keep_other_run(config, folder)
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        existed = Path(config.hydra.sweep.dir).is_dir()
+        sweep_dir = _made("hydra.sweep.dir", config.hydra.sweep.dir)
+        if not existed:
+            return  # a new folder: no run to keep
+        for num, job in enumerate(sweep_jobs(config) or []):
+            # Each job's folder as Hydra's launcher names it: the job's config with its number, and
+            # the sweep's ${now:} values (OmegaConf's resolver cache), as Hydra's load_sweep_config does.
+            overrides = [*config.hydra.overrides.hydra, *job]
+            job_config = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            OmegaConf.copy_cache(from_config=config, to_config=job_config)
+            with read_write(job_config.hydra), open_dict(job_config.hydra):
+                job_config.hydra.job.num = job_config.hydra.job.id = num
+            folder = sweep_dir / str(job_config.hydra.sweep.subdir)
+            _keep_other_run(job_config, folder, context=f"job {' '.join(job)}")
+
+
+def _made(key: str, folder: str) -> Path:
+    """``folder``, made (with its parents) if it is not there, as Hydra would next; :class:`Abort` with
+    one line naming ``key`` when it cannot be, instead of Hydra's traceback."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise Abort(ConfigError(key, f"{folder} is a file, not a folder")) from None
+    except OSError as error:
+        raise Abort(ConfigError(key, f"cannot make the folder {folder}: {error.strerror}")) from None
+    return path
+
+
+def _keep_other_run(config: DictConfig, folder: str | Path, context: str = "") -> None:
+    """Raise :class:`Abort` (exit code 2) when ``folder`` holds a run of another config than ``config``
+    (Hydra's, with its ``hydra`` node). A config that does not validate is left to its run to report."""
+    folder = Path(folder)
+    if not (folder / "results.json").is_file():
+        return
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    try:
+        run = validate(task)
+    except (ConfigError, HydraException, OmegaConfBaseException):
+        return
+    try:
+        _previous_run(run, folder)
+    except ConfigError as error:  # FolderTaken, or trainer.resume's own refusal
+        raise Abort(error, context=context) from error
 
 
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
