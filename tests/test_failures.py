@@ -190,6 +190,25 @@ def test_a_grid_into_another_grids_folder_is_refused_before_any_job_writes(fa_tr
     assert snapshot(tmp_path / "sweep") == before
 
 
+@pytest.mark.parametrize("name", ["metrics.csv", "results.json", "train.log"])
+def test_resume_from_a_file_that_is_no_checkpoint_says_so(make, tmp_path, name):
+    runner.train(make("trainer.epochs=1"), tmp_path / "first")
+    (tmp_path / "first" / "train.log").write_text("[INFO] epoch 1/1\n")
+    named = tmp_path / "first" / name
+    with pytest.raises(ConfigError) as error:
+        runner.train(make("trainer.epochs=1", f"trainer.resume={named}"), tmp_path / "run")
+    why = "torch.save writes a zip archive; this file is not one"
+    assert str(error.value) == f"trainer.resume: {named} is not a checkpoint ({why})"
+
+
+def test_skip_completed_reruns_a_run_that_failed_before_it_started(make, tmp_path):
+    # What fa-train records for a job that failed on its config: no config, no result to keep.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text('{"status": "failed", "error": "model: ..."}')
+    rerun = runner.train(make("trainer.epochs=1", "trainer.skip_completed=true"), tmp_path / "run")
+    assert rerun["status"] == "completed" and "resumed_from" not in rerun
+
+
 # --- divergence -----------------------------------------------------------------------------------
 
 

@@ -59,6 +59,10 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     _replace(path, lambda f: torch.save(dict(state), f))
 
 
+#: The first bytes of every file torch.save writes (a zip archive's local file header).
+_ZIP = b"PK\x03\x04"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded safely: unreadable, not a checkpoint, or carrying pickled
     Python objects. One line that names the file."""
@@ -69,6 +73,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     a file that carries other pickled objects (which a plain ``torch.load`` would construct, running
     whatever code they name) is refused, never executed."""
     try:
+        with open(path, "rb") as file:
+            head = file.read(len(_ZIP))
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from e
+    if head != _ZIP:  # a log, a CSV, an image, a plain pickle: not torch.save's archive at all
+        why = "torch.save writes a zip archive; this file is not one"
+        raise CheckpointError(f"{path} is not a checkpoint ({why})")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         named = re.search(r"GLOBAL (\S+)", str(e))
@@ -77,7 +89,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} carries pickled Python objects{what}, not only tensors and plain values: refused "
             "(checkpoints load with weights_only=True, so that a file cannot run code)"
         ) from e
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+    except Exception as e:  # whatever a damaged archive makes the reader raise (EOFError, IndexError...)
         why = _first_sentence(e)
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {why}") from e
     if not isinstance(state, dict):
