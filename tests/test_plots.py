@@ -79,4 +79,5 @@ def test_runs_that_did_not_finish_draw_what_there_is(tmp_path):
 @pytest.mark.parametrize("args", [["--plots"], ["--plots", "--write"]])
 def test_fa_report_plots_needs_runs(tmp_path, args):
     proc = run_cli("fa_cli.report", str(tmp_path), *args, cwd=tmp_path)
-    assert proc.returncode == 2 and "no results.json" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"fa-report: error: no results.json under {tmp_path}"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from fa_cli import report
+from runs import run_cli
 
 
 def result(method, accuracy, loss, seed=0, status="completed", model="ann", dataset="mnist", overrides=()):
@@ -111,3 +114,72 @@ def test_where_the_data_lives_and_how_many_threads_are_no_settings():
     ]
     (table,) = report.summarize(runs).values()
     assert [(row.settings, row.runs) for row in table] == [("", 2)]
+
+
+BROKEN = {
+    "a list": ("[]", "holds a JSON list, not a run's results"),
+    "null": ("null", "holds a JSON NoneType, not a run's results"),
+    "no accuracy": ('{"status": "completed"}', "a completed run whose test_accuracy is None, not a number"),
+    "a word": (
+        '{"status": "completed", "test_accuracy": "abc", "test_loss": 0.1}',
+        "a completed run whose test_accuracy is 'abc', not a number",
+    ),
+    "overrides": ('{"status": "failed", "overrides": "lr=1"}', "its overrides are not a list of strings"),
+    "robustness": (
+        '{"status": "completed", "test_accuracy": 90, "test_loss": 0.3, "robustness": {"results": [1]}}',
+        "its robustness is not a list of eps and accuracy numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_results_json_that_holds_no_runs_results_is_skipped_in_one_line(tmp_path, capsys, case):
+    text, why = BROKEN[case]
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "results.json").write_text(json.dumps(RESULTS[1]))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text(text)
+    problems: list[str] = []
+    assert report.collect([tmp_path], problems) == [RESULTS[1]]
+    assert problems == [f"{tmp_path / 'bad' / 'results.json'}: {why}"]
+    assert capsys.readouterr().err.splitlines() == [f"fa-report: skipping {problems[0]}"]
+
+
+def test_fa_report_writes_nothing_from_part_of_the_runs(tmp_path):
+    for i, r in enumerate(RESULTS[:3]):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    report.write_summary(tmp_path, report.summarize(RESULTS[:3]))
+    before = {name: (tmp_path / name).read_bytes() for name in ("summary.md", "summary.csv")}
+    damaged = tmp_path / "0" / "results.json"
+    damaged.write_text(damaged.read_text()[:40])  # cut short
+    for args in (["--write"], ["--plots"]):
+        proc = run_cli("fa_cli.report", str(tmp_path), *args, cwd=tmp_path)
+        assert proc.returncode == 1
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 2 and lines[0].startswith(f"fa-report: skipping {damaged}: ")
+        assert lines[1].startswith("fa-report: error: 1 file(s) skipped (above); ")
+        assert {name: (tmp_path / name).read_bytes() for name in before} == before
+        assert not list(tmp_path.glob("*.png"))
+    proc = run_cli("fa_cli.report", str(tmp_path), "--format", "markdown", cwd=tmp_path)
+    assert proc.returncode == 1 and "| BP |" in proc.stdout  # the rest is printed, and the gap is told
+
+
+def test_plots_name_a_metrics_file_they_cannot_read(tmp_path):
+    from fa_cli.plots import read_run
+
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS[0]))
+    header = "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds\n"
+    columns = "epoch, train_loss, train_accuracy, val_loss, val_accuracy"
+    cases = {
+        "loss,accuracy\n0.1,90\n": f"metrics.csv has no {columns} column",
+        header + "1,0.5,80,0.6\n": "metrics.csv line 2 is cut short",
+        header + "1,0.5,x,0.6,70,0.01,1.0\n": "metrics.csv line 2: train_accuracy is 'x', not a number",
+    }
+    for text, why in cases.items():
+        (tmp_path / "metrics.csv").write_text(text)
+        with pytest.raises(ValueError) as error:
+            read_run(tmp_path)
+        assert str(error.value) == why
+    (tmp_path / "metrics.csv").write_text(header + "1,0.5,80,,,0.01,1.0\n")  # no validation split: fine
+    assert len(read_run(tmp_path).metrics) == 1

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
-import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fa_cli.alignment import METHODS
 from fa_cli.files import write_bytes
-from fa_cli.report import IDENTITY, LABELS
+from fa_cli.report import IDENTITY, LABELS, read_results, skipped
 
 # tab10, in METHODS order: bp blue, fa orange, dfa green, usf red, brsf purple, frsf brown, kp pink, ...
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -60,16 +58,21 @@ class RunFiles:
 
 
 def read_run(folder: Path) -> RunFiles:
-    """``results.json`` and, when there, ``metrics.csv`` and ``alignment.csv`` of the run in ``folder``."""
+    """``results.json`` and, when there, ``metrics.csv`` and ``alignment.csv`` of the run in ``folder``;
+    ValueError names a file that lacks what the figures read."""
     folder = Path(folder)
+    metrics = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
     return RunFiles(
-        folder, json.loads((folder / "results.json").read_text()), _read_csv(folder / "metrics.csv"),
-        _read_csv(folder / "alignment.csv"),
-    )  # fmt: skip
+        folder,
+        read_results(folder / "results.json"),
+        _read_csv(folder / "metrics.csv", metrics),
+        _read_csv(folder / "alignment.csv", ("step", "degrees"), ("layer", "metric")),
+    )
 
 
-def collect_runs(paths: Iterable[Path]) -> list[RunFiles]:
-    """Every run under ``paths`` (folders of runs or sweeps); unreadable runs are skipped with a warning."""
+def collect_runs(paths: Iterable[Path], problems: list[str] | None = None) -> list[RunFiles]:
+    """Every run under ``paths`` (folders of runs or sweeps); unreadable runs are skipped with a one-line
+    warning (appended to ``problems`` too)."""
     runs = []
     for path in map(Path, paths):
         files = [path] if path.is_file() else sorted(path.glob("**/results.json"))
@@ -77,15 +80,31 @@ def collect_runs(paths: Iterable[Path]) -> list[RunFiles]:
             try:
                 runs.append(read_run(file.parent))
             except (OSError, ValueError) as e:
-                print(f"fa-report: skipping {file.parent} in plots: {e}", file=sys.stderr)
+                skipped(f"{file.parent} in plots: {e}", problems)
     return runs
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, numbers: Sequence[str], names: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The rows of a run's CSV, each with a number or nothing (an epoch without validation) in every one
+    of ``numbers``, and ``names`` present; none when the file is not there."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in (*numbers, *names) if c not in header]
+        if missing:
+            raise ValueError(f"{path.name} has no {', '.join(missing)} column")
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(c) is None for c in header):  # fewer fields than the header: a cut line
+            raise ValueError(f"{path.name} line {line} is cut short")
+        for c in numbers:
+            try:
+                _number(row[c])
+            except ValueError:
+                raise ValueError(f"{path.name} line {line}: {c} is {row[c]!r}, not a number") from None
+    return rows
 
 
 def _number(text: str | None) -> float | None:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -83,18 +83,54 @@ Tables = dict[tuple[str, str], list[Row]]
 RobustnessTable = tuple[str, tuple[str, ...], list[tuple[str, ...]]]  # title, header, rows of cells
 
 
-def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
+def collect(paths: Iterable[Path], problems: list[str] | None = None) -> list[dict[str, Any]]:
     """Every ``results.json`` under ``paths`` (folders of runs or sweeps, or single files), in path order.
-    Unreadable files are skipped with a warning: a report should not die of one broken run."""
+    A file that cannot be read, or does not hold a run's results, is skipped with a one-line warning
+    (appended to ``problems`` too): a report should not die of one broken run."""
     results = []
     for path in map(Path, paths):
         files = [path] if path.is_file() else sorted(path.glob("**/results.json"))
         for file in files:
             try:
-                results.append(json.loads(file.read_text()))
+                results.append(read_results(file))
             except (OSError, ValueError) as e:
-                print(f"fa-report: skipping {file}: {e}", file=sys.stderr)
+                skipped(f"{file}: {e}", problems)
     return results
+
+
+def skipped(why: str, problems: list[str] | None) -> None:
+    print(f"fa-report: skipping {why}", file=sys.stderr)
+    if problems is not None:
+        problems.append(why)
+
+
+def read_results(file: Path) -> dict[str, Any]:
+    """A run's ``results.json``, checked to hold what the tables read; ValueError says what it lacks."""
+    results = json.loads(file.read_text())
+    if not isinstance(results, dict):
+        raise ValueError(f"holds a JSON {type(results).__name__}, not a run's results")
+    overrides = results.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError("its overrides are not a list of strings")
+    if results.get("status") == "completed":
+        for key in ("test_accuracy", "test_loss"):
+            if not _is_number(results.get(key)):
+                raise ValueError(f"a completed run whose {key} is {results.get(key)!r}, not a number")
+        robustness = results.get("robustness")
+        if robustness and not (
+            isinstance(robustness, dict)
+            and isinstance(robustness.get("results"), list)
+            and all(
+                isinstance(point, dict) and _is_number(point.get("eps")) and _is_number(point.get("accuracy"))
+                for point in robustness["results"]
+            )
+        ):
+            raise ValueError("its robustness is not a list of eps and accuracy numbers")
+    return results
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def summarize(results: Iterable[dict[str, Any]]) -> Tables:
@@ -236,7 +272,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        results = collect([sweep_dir])
+        results = collect([sweep_dir])  # a file that is no run's results is skipped, with a warning
         tables = summarize(results)
         write_summary(sweep_dir, tables)
         console = Console()
@@ -266,10 +302,11 @@ def main(argv: list[str] | None = None) -> None:
 
     missing = [p for p in args.paths if not p.exists()]
     if missing:
-        parser.error(f"no such file or folder: {', '.join(map(str, missing))}")
-    tables = summarize(collect(args.paths))
+        _error(f"no such file or folder: {', '.join(map(str, missing))}")
+    problems: list[str] = []
+    tables = summarize(collect(args.paths, problems))
     if not tables:
-        parser.error(f"no results.json under {', '.join(map(str, args.paths))}")
+        _error(f"no results.json under {', '.join(map(str, args.paths))}")
     if args.format == "markdown":
         print(to_markdown(tables), end="")
     elif args.format == "csv":
@@ -278,19 +315,32 @@ def main(argv: list[str] | None = None) -> None:
         console = Console()
         for table in to_rich(tables):
             console.print(table)
+    folder = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
+    if (args.write or args.plots) and problems:
+        # Files written from part of the runs would replace complete ones: fix or remove the files first.
+        _error(f"{len(problems)} file(s) skipped (above); nothing written in {folder}", code=1)
     if args.write:
-        folder = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
         write_summary(folder, tables)
         print(f"wrote {folder / 'summary.md'} and {folder / 'summary.csv'}", file=sys.stderr)
     if args.plots:
-        folder = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
+        from fa_cli import plots  # here: plots imports this module
+
+        runs = plots.collect_runs(args.paths, problems)
+        if problems:
+            _error(f"{len(problems)} file(s) skipped (above); no plots written in {folder}", code=1)
         try:
-            figures = write_plots(folder, args.paths)
+            figures = plots.plot_sweep(folder, runs)
         except Exception as e:
-            print(f"fa-report: error: plots not written: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(1)
+            _error(f"plots not written: {type(e).__name__}: {e}", code=1)
         for figure in figures:
             print(f"wrote {figure}", file=sys.stderr)
+    if problems:
+        sys.exit(1)  # the tables above leave those runs out
+
+
+def _error(message: str, code: int = 2) -> NoReturn:
+    print(f"fa-report: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _mean_std(values: list[float], digits: int, unit: str = "") -> str:
