@@ -201,6 +201,20 @@ def test_resume_from_a_file_that_is_no_checkpoint_says_so(make, tmp_path, name):
     assert str(error.value) == f"trainer.resume: {named} is not a checkpoint ({why})"
 
 
+def test_skip_completed_names_itself_when_the_checkpoint_it_chose_is_unreadable(make, tmp_path):
+    runner.train(make("trainer.epochs=1"), tmp_path / "run")
+    stopped = {**results(tmp_path / "run"), "status": "interrupted"}  # as a killed job leaves it
+    (tmp_path / "run" / "results.json").write_text(json.dumps(stopped))
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(ConfigError) as error:
+        runner.train(make("trainer.epochs=1", "trainer.skip_completed=true"), tmp_path / "run")
+    assert str(error.value).startswith(
+        f"trainer.skip_completed: the unfinished run's checkpoint cannot be resumed: {checkpoint} is not a "
+        "readable checkpoint"
+    )
+
+
 def test_skip_completed_reruns_a_run_that_failed_before_it_started(make, tmp_path):
     # What fa-train records for a job that failed on its config: no config, no result to keep.
     (tmp_path / "run").mkdir()

@@ -214,7 +214,16 @@ def train(
             return previous
         if previous is not None and resume is None and (run_dir / "checkpoint.pt").is_file():
             resume = run_dir
-    run = Run(cfg, run_dir, overrides or [], resume=resume, tracking=tracking)
+    try:
+        run = Run(cfg, run_dir, overrides or [], resume=resume, tracking=tracking)
+    except ConfigError as error:
+        if cfg.trainer.resume is None and resume is not None and error.key == "trainer.resume":
+            # The checkpoint skip_completed chose, not one the user named: say which setting it was.
+            why = str(error).removeprefix("trainer.resume: ")
+            raise ConfigError(
+                "trainer.skip_completed", f"the unfinished run's checkpoint cannot be resumed: {why}"
+            ) from error
+        raise
     try:
         status = run.fit()
     except KeyboardInterrupt:
