@@ -264,6 +264,28 @@ def test_max_loss_makes_a_run_diverged(fa_train, tmp_path):
     assert metrics(tmp_path / "run") == [], "metrics.csv is there, with its header"
 
 
+@pytest.mark.parametrize(("val_fraction", "split"), [(0.1, "validation"), (0.0, "test")])
+def test_a_loss_that_overflows_outside_training_makes_a_run_diverged(make, tmp_path, val_fraction, split):
+    # lr=1e8: every training batch's loss stays finite (up to about 1e28), but the weights then make
+    # the logits overflow, so the validation (or, without one, the test) loss is NaN.
+    overrides = ["model=mlp", "model.widths=[32]", "trainer.batch_size=128", "trainer.epochs=1"]
+    cfg = make(*overrides, "optim.lr=1e8", f"dataset.val_fraction={val_fraction}")
+    r = runner.train(cfg, tmp_path / "run")
+    assert r["status"] == "diverged" and r["test_loss"] is None and r["test_accuracy"] is None
+    assert r["diverged_at"] == {"epoch": 1, "step": None, "loss": "nan", "split": split}
+    text = (tmp_path / "run" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} is not standard JSON"))
+
+
+def test_results_json_writes_numbers_that_are_not_finite_as_words(tmp_path):
+    from fa_cli.files import write_json
+
+    nan, inf = float("nan"), float("inf")
+    write_json(tmp_path / "r.json", {"a": nan, "b": [1.5, -inf], "c": {"d": inf}})
+    expected = {"a": "nan", "b": [1.5, "-inf"], "c": {"d": "inf"}}
+    assert json.loads((tmp_path / "r.json").read_text()) == expected
+
+
 def test_a_diverged_job_is_shown_in_the_sweep_summary_not_averaged(fa_train, tmp_path):
     proc = fa_train("-m", *SMOKE, "trainer.epochs=1", "optim.lr=0.01,1e12")
     assert proc.returncode == 1

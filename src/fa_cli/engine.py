@@ -72,12 +72,21 @@ def keep_freed_memory() -> bool:
 
 class Diverged(Exception):
     """The training loss of ``step`` (counted from 1) of ``epoch`` was NaN, infinite, or above
-    ``max_loss``; ``loss`` is that batch's loss."""
+    ``max_loss``; ``loss`` is that batch's loss. With ``split="validation"`` (and no ``step``): the
+    validation loss after ``epoch`` was not finite, though every training batch's was."""
 
-    def __init__(self, epoch: int, step: int, loss: float = math.nan, max_loss: float | None = None) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        step: int | None,
+        loss: float = math.nan,
+        max_loss: float | None = None,
+        split: str = "training",
+    ) -> None:
         what = "is not finite" if not math.isfinite(loss) else f"exceeds max_loss={max_loss:g}"
-        super().__init__(f"training loss {loss:.4g} {what} at epoch {epoch}, step {step}")
-        self.epoch, self.step, self.loss = epoch, step, loss
+        where = f"at epoch {epoch}, step {step}" if split == "training" else f"after epoch {epoch}"
+        super().__init__(f"{split} loss {loss:.4g} {what} {where}")
+        self.epoch, self.step, self.loss, self.split = epoch, step, loss, split
 
 
 def fit(
@@ -122,6 +131,9 @@ def fit(
         )
         val = evaluate(model, data.val, eval_batch_size, world) if data.val else (None, None)
         val_loss, val_accuracy = val
+        if val_loss is not None and not math.isfinite(val_loss):
+            # Finite training losses, then weights so large that the logits overflow: no model to keep.
+            raise Diverged(epoch, None, val_loss, split="validation")
         scheduler.step()
         seconds = time.perf_counter() - start
         yield EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr, seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -38,7 +39,19 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    """Standard JSON, which has no NaN or infinity: such a number (an angle of a zero gradient, an
+    attack's loss) is written as a word, ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    write_text(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> str:

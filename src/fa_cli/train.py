@@ -398,12 +398,18 @@ class Run:
         except engine.Diverged as e:
             # NaN and inf are not JSON: those losses are written as words.
             loss = e.loss if math.isfinite(e.loss) else str(e.loss)
-            results["diverged_at"] = {"epoch": e.epoch, "step": e.step, "loss": loss}
+            results["diverged_at"] = {"epoch": e.epoch, "step": e.step, "loss": loss, "split": e.split}
             log.warning(f"diverged: {e}")
             return "diverged"
         model.load_state_dict(self.selected.state)
-        test = engine.evaluate(model, splits.test, cfg.trainer.eval_batch_size, self.world)
-        results["test_loss"], results["test_accuracy"] = test
+        batch_size = cfg.trainer.eval_batch_size
+        test_loss, test_accuracy = engine.evaluate(model, splits.test, batch_size, self.world)
+        if not math.isfinite(test_loss):  # no validation split stopped it: the tested model is broken
+            epoch = self.selected.epoch
+            results["diverged_at"] = {"epoch": epoch, "step": None, "loss": str(test_loss), "split": "test"}
+            log.warning(f"diverged: test loss {test_loss} is not finite for the model of epoch {epoch}")
+            return "diverged"
+        results["test_loss"], results["test_accuracy"] = test_loss, test_accuracy
         if cfg.eval.attack != "none":
             self.attack(splits)
         return "completed"
