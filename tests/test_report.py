@@ -127,7 +127,7 @@ BROKEN = {
     "overrides": ('{"status": "failed", "overrides": "lr=1"}', "its overrides are not a list of strings"),
     "robustness": (
         '{"status": "completed", "test_accuracy": 90, "test_loss": 0.3, "robustness": {"results": [1]}}',
-        "its robustness is not a list of eps and accuracy numbers",
+        "its robustness is not an attack's name and a list of eps and accuracy numbers",
     ),
 }
 

@@ -119,13 +119,14 @@ def read_results(file: Path) -> dict[str, Any]:
         robustness = results.get("robustness")
         if robustness and not (
             isinstance(robustness, dict)
+            and isinstance(robustness.get("attack"), str)
             and isinstance(robustness.get("results"), list)
             and all(
                 isinstance(point, dict) and _is_number(point.get("eps")) and _is_number(point.get("accuracy"))
                 for point in robustness["results"]
             )
         ):
-            raise ValueError("its robustness is not a list of eps and accuracy numbers")
+            raise ValueError("its robustness is not an attack's name and a list of eps and accuracy numbers")
     return results
 
 
