@@ -156,11 +156,14 @@ def test_unknown_values_list_the_valid_ones():
         ("trainer.epoch=3", "trainer.epoch: unknown key (did you mean trainer.epochs?)"),
         ("trainer.epochs=abc", "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
         ("model.widths=oops", "model.widths: "),
+        ("logger=[csv,tensorbord]", "logger=tensorbord: no such option (did you mean tensorboard?); choose "),
+        ("logger.mlflow.tracking_uri=x", "logger.mlflow: mlflow is not among this run's trackers; choose it "),
+        ("logger=tensorboard logger.tensorboard.dir=x", "logger.tensorboard.dir: unknown key; logger.tensorb"),
     ],
 )
 def test_hydra_errors_become_one_line_naming_the_key(override, expected):
     with pytest.raises(HydraException) as error:
-        compose(config_name="train", overrides=[override])
+        compose(config_name="train", overrides=override.split())
     message = describe(error.value)
     assert message.startswith(expected)
     assert "\n" not in message

@@ -18,6 +18,7 @@ import difflib
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from typing import Any
 
 from hydra import compose
@@ -520,21 +521,36 @@ def describe(error: BaseException) -> str:
     """One line for a config error raised by fa-cli, Hydra or OmegaConf, naming the key."""
     if isinstance(error, Abort) or type(error).__module__.startswith("fa_cli."):
         return str(error)  # fa-cli's own errors are written as one line for users
-    if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")  # an unknown option of a config group
-        choices = ", ".join(error.options)
-        return f"{group}={option}: no such option{_hint(option, error.options)}; choose one of: {choices}"
+        options = error.options or _options(group)  # Hydra lists none for an option in a list (logger)
+        if options:
+            choices = ", ".join(options)
+            return f"{group}={option}: no such option{_hint(option, options)}; choose one of: {choices}"
     omega = error if isinstance(error, OmegaConfBaseException) else error.__cause__
     if isinstance(omega, OmegaConfBaseException) and omega.full_key:
         key = str(omega.full_key)
         parent, _, leaf = key.rpartition(".")
-        valid = [f.name for f in fields(omega.object_type)] if is_dataclass(omega.object_type) else []
-        if valid and leaf not in valid:  # a misspelt or extra key
-            hint = _hint(leaf, valid, prefix=f"{parent}." if parent else "")
+        valid = [f.name for f in fields(omega.object_type)] if is_dataclass(omega.object_type) else None
+        if valid is not None and leaf not in valid:
+            if not valid:
+                return f"{key}: unknown key; {parent} has no settings"
+            hint = _hint(leaf, valid, prefix=f"{parent}." if parent else "")  # a misspelt or extra key
             return f"{key}: unknown key{hint}; valid keys: {', '.join(valid)}"
+        if parent == "logger" and leaf in _options("logger"):  # a tracker's setting, tracker not chosen
+            return f"{key}: {leaf} is not among this run's trackers; choose it too, e.g. logger=[csv,{leaf}]"
         return f"{key}: {str(omega).strip().splitlines()[0]}"
     # Hydra's override-syntax errors and the like: keep the words, drop the layout.
     return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _options(group: str) -> list[str]:
+    """The options of a config group of ``conf/``, by its yaml files."""
+    try:
+        folder = resources.files("fa_cli.conf").joinpath(group)
+        return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+    except (OSError, ModuleNotFoundError):
+        return []
 
 
 def _hint(word: str, choices: Sequence[str], prefix: str = "") -> str:
