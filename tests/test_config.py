@@ -157,8 +157,8 @@ def test_unknown_values_list_the_valid_ones():
         ("trainer.epochs=abc", "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
         ("model.widths=oops", "model.widths: "),
         ("logger=[csv,tensorbord]", "logger=tensorbord: no such option (did you mean tensorboard?); choose "),
-        ("logger.mlflow.tracking_uri=x", "logger.mlflow: mlflow is not among this run's trackers; choose it "),
-        ("logger=tensorboard logger.tensorboard.dir=x", "logger.tensorboard.dir: unknown key; logger.tensorb"),
+        ("logger.mlflow.tracking_uri=x", "logger.mlflow: mlflow is not among this run's trackers; choose"),
+        ("logger=tensorboard logger.tensorboard.dir=x", "logger.tensorboard.dir: unknown key; logger.tens"),
     ],
 )
 def test_hydra_errors_become_one_line_naming_the_key(override, expected):
