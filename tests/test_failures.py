@@ -574,3 +574,30 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, grid):
     proc = run_cli("fa_cli.train", *args, *SMOKE, f"{key}={below}", cwd=tmp_path)
     assert proc.returncode == 2
     assert one_error_line(proc.stderr).startswith(f"{key}: cannot make the folder {below}")
+
+
+def test_a_grid_whose_jobs_fail_before_they_start_exits_1_though_the_folders_keep_results(fa_train, tmp_path):
+    # Each job's folder keeps its earlier results.json when the job fails on its data, so the exit
+    # code must come from this launch's jobs, not from the folders.
+    fake_mnist(tmp_path / "data")
+    grid = ["-m", "dataset=mnist", "trainer.epochs=1", "trainer.threads=1", "diagnostics.plots=false"]
+    grid.append("seed=0,1")
+    assert fa_train(*grid, f"dataset.root={tmp_path / 'data'}").returncode == 0
+    proc = fa_train(*grid, f"dataset.root={tmp_path / 'elsewhere'}")
+    assert proc.returncode == 1
+    assert "fa-train: 2 of the 2 jobs launched did not complete (2 failed)" in proc.stderr
+    assert {results(p.parent)["status"] for p in (tmp_path / "sweep").glob("*/results.json")} == {"completed"}
+
+
+def test_a_grid_does_not_rewrite_its_summary_from_part_of_the_runs(fa_train, tmp_path):
+    grid = ["-m", *SMOKE, "trainer.epochs=1", "method=bp,fa"]
+    assert fa_train(*grid).returncode == 0
+    sweep = tmp_path / "sweep"
+    kept = {p.name: p.read_bytes() for p in sweep.iterdir() if p.is_file() and p.name != "multirun.yaml"}
+    damaged = sweep / "1_synthetic_ann_fa_seed0" / "results.json"
+    damaged.write_text(damaged.read_text()[:30])
+    proc = fa_train(*grid[:-1], "method=bp", "trainer.skip_completed=true")  # fa's job is not relaunched
+    assert proc.returncode == 1
+    assert f"fa-report: skipping {damaged}: " in proc.stderr
+    assert "1 file(s) skipped (above); " in proc.stderr and "summary and figures not rewritten" in proc.stderr
+    assert {name: (sweep / name).read_bytes() for name in kept} == kept

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
@@ -271,9 +272,30 @@ class SweepSummary(Callback):
     """When a multirun ends: summary.md and summary.csv in the sweep folder, the tables on the console,
     and exit code 1 if any run did not complete (after its siblings all ran)."""
 
+    def __init__(self) -> None:
+        self.launched: list[str] = []  # the status of each job of this launch, as this process saw it
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        # Jobs that a launcher runs in this process (the default one): a job that failed before it
+        # started keeps its folder's earlier results.json, so the folders alone would not show it.
+        value = job_return.return_value if job_return.status == JobStatus.COMPLETED else "failed"
+        self.launched.append(value if isinstance(value, str) else "failed")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        results = collect([sweep_dir])  # a file that is no run's results is skipped, with a warning
+        problems: list[str] = []
+        results = collect([sweep_dir], problems)
+        failed_now = Counter(status for status in self.launched if status != "completed")
+        if failed_now:
+            count = f"{sum(failed_now.values())} of the {len(self.launched)} jobs launched"
+            print(f"fa-train: {count} did not complete ({_counts(failed_now)})", file=sys.stderr)
+        if problems:  # tables of part of the runs would replace complete ones (as fa-report --write)
+            print(
+                f"fa-train: {len(problems)} file(s) skipped (above); {sweep_dir}'s summary and figures not "
+                "rewritten: fix or remove them, then fa-report --write --plots",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
         tables = summarize(results)
         write_summary(sweep_dir, tables)
         console = Console()
@@ -289,6 +311,7 @@ class SweepSummary(Callback):
         if incomplete:
             count = f"{sum(incomplete.values())} of {len(results)} runs"
             print(f"fa-train: {count} did not complete ({_counts(incomplete)})", file=sys.stderr)
+        if incomplete or failed_now:
             raise SystemExit(1)
 
 

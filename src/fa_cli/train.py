@@ -160,7 +160,8 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 @hydra.main(version_base=None, config_path="pkg://fa_cli.conf", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> str:
+    """One run; returns its status (in a grid, Hydra hands it to the end-of-grid summary)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -180,9 +181,10 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         # One failed job must not lose the others: it is recorded, and the sweep goes on.
         log.error(f"run failed: {describe(error)}")
-        return
+        return "failed"
     if not sweep and results["status"] != "completed":
         sys.exit(EXIT_CODES[results["status"]])
+    return str(results["status"])
 
 
 def train(
