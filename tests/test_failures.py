@@ -165,6 +165,27 @@ def test_a_folder_holding_another_configs_run_is_never_written_into(make, tmp_pa
     assert snapshot(tmp_path / "run") == before
 
 
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_without_readable_results_the_checkpoint_tells_whose_run_a_folder_holds(make, tmp_path, damage):
+    runner.train(make("trainer.epochs=1"), tmp_path / "run")
+    found = tmp_path / "run" / "results.json"
+    if damage == "removed":
+        found.unlink()
+    else:
+        found.write_text(found.read_text()[:50])
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(runner.FolderTaken, match=r"holds a run of another config \(trainer.epochs: 1 -> 2\)"):
+        runner.train(make("trainer.epochs=2"), tmp_path / "run")
+    assert snapshot(tmp_path / "run") == before
+    # The same config with skip_completed: an interrupted run, resumed from its checkpoint.
+    resumed = runner.train(make("trainer.epochs=1", "trainer.skip_completed=true"), tmp_path / "run")
+    assert resumed["status"] == "completed" and resumed["resumed_from"]["epoch"] == 1
+    (tmp_path / "run" / "results.json").unlink()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04 and then nothing")
+    with pytest.raises(runner.FolderTaken, match=r"holds a checkpoint.pt that cannot be read \("):
+        runner.train(make("trainer.epochs=1"), tmp_path / "run")
+
+
 def test_a_run_into_another_configs_folder_is_refused_before_hydra_writes_there(fa_train, tmp_path):
     assert fa_train(*SMOKE, "trainer.epochs=1").returncode == 0
     before = snapshot(tmp_path / "run")  # .hydra/ and train.log included

@@ -621,15 +621,30 @@ RESUME_KEYS = (
 
 
 def _previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
-    """The results.json of this config already in ``run_dir``, or None when there is none (or it is
-    unreadable: a run killed before its first write). Raises :class:`FolderTaken` when the folder
-    holds another config's run, which a run of this one would overwrite."""
+    """The results.json of this config already in ``run_dir``, or None when the folder holds no run
+    (none there, or one that failed before it started). A folder whose results.json is missing or
+    damaged but holds a checkpoint counts as an interrupted run of the checkpoint's config. Raises
+    :class:`FolderTaken` when the folder holds another config's run, which a run of this one would
+    overwrite, or a checkpoint that cannot be read to tell."""
     try:
         previous = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
-        return None
-    if "config" not in previous:
-        return None  # it failed before it started (e.g. a model that cannot take the images): no result
+        previous = None
+    if not isinstance(previous, dict) or "config" not in previous:
+        # No results of a run that started (it failed on its config, or the file is gone or damaged):
+        # the checkpoint, when there is one, still tells whose run the folder holds.
+        file = run_dir / "checkpoint.pt"
+        if not file.is_file():
+            return None
+        try:
+            config = load_checkpoint(file)["config"]
+        except (CheckpointError, KeyError) as error:
+            raise FolderTaken(
+                str(run_dir),
+                f"holds a checkpoint.pt that cannot be read ({error}) and no readable results.json; not "
+                "writing into it: run in another folder (hydra.run.dir=, or hydra.sweep.dir= for a grid)",
+            ) from error
+        previous = {"status": "interrupted", "config": config}  # a run to resume, if it is this one
     differences = _differences(previous["config"], dataclasses.asdict(cfg))
     if differences:
         if cfg.trainer.resume is not None:  # its own refusal says more: the command that resumes it
