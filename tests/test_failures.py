@@ -147,6 +147,27 @@ def test_resume_from_a_folder_without_checkpoint_says_so(make, tmp_path):
     assert not (tmp_path / "run").exists(), "nothing written for a run that never started"
 
 
+def test_resuming_reads_the_earlier_angles_or_names_the_line_it_cannot(make, tmp_path):
+    first = make("trainer.epochs=1", "diagnostics.every=3")
+    done = runner.train(first, tmp_path / "first")
+    assert done["alignment"] is not None
+    # Nothing left to train: the results keep the last measured angles.
+    again = runner.train(
+        make("trainer.epochs=1", "diagnostics.every=3", f"trainer.resume={tmp_path / 'first'}"),
+        tmp_path / "again",
+    )
+    assert again["alignment"] == done["alignment"]
+    angles = tmp_path / "first" / "alignment.csv"
+    angles.write_text(angles.read_text() + "garbage,,,\n")
+    lines = len(angles.read_text().splitlines())
+    with pytest.raises(ConfigError) as error:
+        runner.train(
+            make("trainer.epochs=1", "diagnostics.every=3", f"trainer.resume={tmp_path / 'first'}"),
+            tmp_path / "run",
+        )
+    assert str(error.value).startswith(f"trainer.resume: {angles} line {lines} is not a row of step, epoch, ")
+
+
 def test_a_truncated_checkpoint_is_refused(make, tmp_path):
     runner.train(make("trainer.epochs=1"), tmp_path / "first")
     checkpoint = tmp_path / "first" / "checkpoint.pt"

@@ -65,9 +65,17 @@ class Diagnostics:
         if not Path(path).is_file():
             return
         with Path(path).open(newline="") as f:
-            for row in csv.DictReader(f):
-                if int(row["epoch"]) <= last_epoch:
+            for line, row in enumerate(csv.DictReader(f), start=2):
+                try:
                     step, epoch, degrees = int(row["step"]), int(row["epoch"]), float(row["degrees"])
+                    if not isinstance(row["layer"], str) or not isinstance(row["metric"], str):
+                        raise TypeError
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError(
+                        f"{path} line {line} is not a row of step, epoch, layer, metric, degrees: "
+                        "mend or remove the file (a run resumed without it has no earlier angles)"
+                    ) from None
+                if epoch <= last_epoch:
                     self.rows.append({**row, "step": step, "epoch": epoch, "degrees": degrees})
 
     def epoch_means(self, epoch: int) -> dict[str, dict[str, float]]:

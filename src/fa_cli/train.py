@@ -326,7 +326,11 @@ class Run:
             self.results["resumed_from"] = {"checkpoint": str(resume), "epoch": self.checkpoint["epoch"]}
             if self.diagnostics is not None:
                 folder = resume if resume.is_dir() else resume.parent
-                self.diagnostics.resume(folder / "alignment.csv", self.checkpoint["epoch"])
+                try:
+                    self.diagnostics.resume(folder / "alignment.csv", self.checkpoint["epoch"])
+                except ValueError as error:
+                    raise ConfigError("trainer.resume", str(error)) from error
+                self.results["alignment"] = self.diagnostics.final()  # if no epoch is left to train
         self.trackers = Trackers({})
         if tracking is not None and self.world.main:  # one tracker run per run, not one per rank
             tags = {"overrides": " ".join(overrides)}
