@@ -168,6 +168,20 @@ def test_resuming_reads_the_earlier_angles_or_names_the_line_it_cannot(make, tmp
     assert str(error.value).startswith(f"trainer.resume: {angles} line {lines} is not a row of step, epoch, ")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.batch_size=1", "trainer.batch_size: 1 cannot train resnet18: BatchNorm needs 2 examples"),
+        ("dataset.subset=2", "dataset: 1 training example cannot train resnet18: BatchNorm needs 2"),
+    ],
+)
+def test_batchnorm_with_one_example_a_batch_is_a_config_error(make, tmp_path, override, message):
+    cfg = make("model=torchvision", "model.name=resnet18", "trainer.epochs=1", override)
+    with pytest.raises(ConfigError) as error:
+        runner.train(cfg, tmp_path / "run")
+    assert str(error.value).startswith(message)
+
+
 def test_a_truncated_checkpoint_is_refused(make, tmp_path):
     runner.train(make("trainer.epochs=1"), tmp_path / "first")
     checkpoint = tmp_path / "first" / "checkpoint.pt"

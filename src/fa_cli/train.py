@@ -284,6 +284,10 @@ class Run:
             dfa_projection=cfg.method.projection if isinstance(cfg.method, DFAConfig) else "full",
             init=cfg.method.init,
         )
+        if cfg.trainer.batch_size < 2 and _has_batchnorm(self.model):
+            raise ConfigError(
+                "trainer.batch_size", f"1 cannot train {cfg.model.name}: BatchNorm needs 2 examples a batch"
+            )
         self.history: list[engine.EpochRecord] = []
         self.selected = Selection()
         # None when off: the training loop then runs exactly as it would without diagnostics
@@ -361,6 +365,10 @@ class Run:
             val_examples=len(splits.val) if splits.val else 0,
             test_examples=len(splits.test),
         )
+        if len(splits.train) < 2 and _has_batchnorm(model):
+            raise ConfigError(
+                "dataset", f"1 training example cannot train {cfg.model.name}: BatchNorm needs 2 a batch"
+            )
         self.start_files()
         model.to(self.device)
         optimizer = build_optimizer(cfg.optim, model)
@@ -514,6 +522,7 @@ class Run:
         # or an interrupt): an earlier run's results in the folder are kept.
         fresh = not (self.run_dir / "results.json").exists()
         if self.world.main and (self.files_started or fresh):
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
             write_json(self.run_dir / "results.json", self.results)
             if self.files_started:
                 self.plot()
@@ -551,6 +560,10 @@ class Selection:
 
     def summary(self) -> dict[str, Any]:
         return {"best_val_accuracy": self.score[0] if self.score else None, "best_epoch": self.epoch or None}
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def pick_device(name: str) -> torch.device:
