@@ -183,3 +183,12 @@ def test_plots_name_a_metrics_file_they_cannot_read(tmp_path):
         assert str(error.value) == why
     (tmp_path / "metrics.csv").write_text(header + "1,0.5,80,,,0.01,1.0\n")  # no validation split: fine
     assert len(read_run(tmp_path).metrics) == 1
+
+
+def test_plots_skip_a_run_whose_epochs_have_no_metrics(tmp_path, capsys):
+    from fa_cli.plots import collect_runs
+
+    (tmp_path / "results.json").write_text(json.dumps({**RESULTS[0], "epochs_completed": 3}))
+    problems: list[str] = []
+    assert collect_runs([tmp_path], problems) == []
+    assert problems == [f"{tmp_path} in plots: its metrics.csv is missing or empty"]

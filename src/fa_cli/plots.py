@@ -78,7 +78,10 @@ def collect_runs(paths: Iterable[Path], problems: list[str] | None = None) -> li
         files = [path] if path.is_file() else sorted(path.glob("**/results.json"))
         for file in files:
             try:
-                runs.append(read_run(file.parent))
+                run = read_run(file.parent)
+                if run.results.get("epochs_completed") and not run.metrics:  # epochs trained, none to draw
+                    raise ValueError("its metrics.csv is missing or empty")
+                runs.append(run)
             except (OSError, ValueError) as e:
                 skipped(f"{file.parent} in plots: {e}", problems)
     return runs
