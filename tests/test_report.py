@@ -192,3 +192,31 @@ def test_plots_skip_a_run_whose_epochs_have_no_metrics(tmp_path, capsys):
     problems: list[str] = []
     assert collect_runs([tmp_path], problems) == []
     assert problems == [f"{tmp_path} in plots: its metrics.csv is missing or empty"]
+
+
+def test_one_run_in_two_folders_is_counted_once(tmp_path, capsys):
+    # A grid relaunched with one more seed: Hydra's job numbers, and so the folders, moved.
+    def run(folder, seed, status="completed", finished="2026-01-01T00:00:00+00:00", lr=0.01):
+        config = {"method": {"name": "bp"}, "seed": seed, "optim": {"lr": lr}, "dataset": {"root": folder}}
+        r = {**result("bp", 90.0 + seed, 0.1, seed=seed, status=status), "config": config}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps({**r, "finished_at": finished}))
+
+    run("0_bp_seed0", 0)
+    run("1_bp_seed1", 1, status="interrupted")
+    run("1_bp_seed0", 0, finished="2026-02-01T00:00:00+00:00")  # the relaunch's, same config
+    run("2_bp_seed1", 1)
+    run("3_bp_seed1", 1, lr=0.1)  # another config: its own run
+    kept = report.collect([tmp_path])
+    assert sorted((r["seed"], r["status"], r["config"]["dataset"]["root"]) for r in kept) == [
+        (0, "completed", "1_bp_seed0"),
+        (1, "completed", "2_bp_seed1"),
+        (1, "completed", "3_bp_seed1"),
+    ]
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        f"fa-report: {tmp_path / '0_bp_seed0' / 'results.json'} repeats the run of "
+        f"{tmp_path / '1_bp_seed0' / 'results.json'} (same config and seed); counted once",
+        f"fa-report: {tmp_path / '1_bp_seed1' / 'results.json'} repeats the run of "
+        f"{tmp_path / '2_bp_seed1' / 'results.json'} (same config and seed); counted once",
+    ]

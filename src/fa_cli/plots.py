@@ -25,7 +25,7 @@ from typing import Any
 
 from fa_cli.alignment import METHODS
 from fa_cli.files import write_bytes
-from fa_cli.report import IDENTITY, LABELS, read_results, skipped
+from fa_cli.report import IDENTITY, LABELS, once_each, read_results, skipped
 
 # tab10, in METHODS order: bp blue, fa orange, dfa green, usf red, brsf purple, frsf brown, kp pink, ...
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -81,10 +81,10 @@ def collect_runs(paths: Iterable[Path], problems: list[str] | None = None) -> li
                 run = read_run(file.parent)
                 if run.results.get("epochs_completed") and not run.metrics:  # epochs trained, none to draw
                     raise ValueError("its metrics.csv is missing or empty")
-                runs.append(run)
+                runs.append((file, run))
             except (OSError, ValueError) as e:
                 skipped(f"{file.parent} in plots: {e}", problems)
-    return runs
+    return [run for _, run in once_each(runs, note=False)]  # the tables' collect notes repeats
 
 
 def _read_csv(path: Path, numbers: Sequence[str], names: Sequence[str] = ()) -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -29,9 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fa_cli.alignment import METHODS
-from fa_cli.config import LAUNCH_ONLY
+from fa_cli.config import LAUNCH_ONLY, SAME_RUN_ANYWAY, flatten
 from fa_cli.files import csv_text, write_csv, write_text
 
+T = TypeVar("T")
 IDENTITY = ("method", "model", "dataset", "seed")  # what names a run; every other override is a setting
 LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF", "kp": "KP"}
 HEADER = ("Method", "Test Accuracy", "Loss", "Runs")  # the report's columns, and how many runs
@@ -88,15 +89,60 @@ def collect(paths: Iterable[Path], problems: list[str] | None = None) -> list[di
     """Every ``results.json`` under ``paths`` (folders of runs or sweeps, or single files), in path order.
     A file that cannot be read, or does not hold a run's results, is skipped with a one-line warning
     (appended to ``problems`` too): a report should not die of one broken run."""
-    results = []
+    found: list[tuple[Path, dict[str, Any]]] = []
     for path in map(Path, paths):
         files = [path] if path.is_file() else sorted(path.glob("**/results.json"))
         for file in files:
             try:
-                results.append(read_results(file))
+                found.append((file, read_results(file)))
             except (OSError, ValueError) as e:
                 skipped(f"{file}: {e}", problems)
-    return results
+    return [results for _, results in once_each(found)]
+
+
+def once_each(found: list[tuple[Path, T]], note: bool = True) -> list[tuple[Path, T]]:
+    """``found`` (file, run) pairs less repeats of one run: the same config and seed in two folders
+    (a grid relaunched with more values, whose job numbers, and so folder names, moved; a run resumed
+    into a new folder). Averaging both would count one run twice; the completed one that finished
+    last is kept, and with ``note`` the repeat is told on stderr."""
+    keys = [_same_run(_results_of(run)) for _, run in found]
+    best: dict[str, int] = {}  # a run's key -> the index of the pair kept for it
+    for index, key in enumerate(keys):
+        if key is None:
+            continue
+        if key not in best:
+            best[key] = index
+            continue
+        ranked = sorted((best[key], index), key=lambda i: _rank(_results_of(found[i][1])), reverse=True)
+        best[key], drop = ranked
+        if note:
+            print(
+                f"fa-report: {found[drop][0]} repeats the run of {found[best[key]][0]} (same config and "
+                "seed); counted once",
+                file=sys.stderr,
+            )
+    return [
+        pair
+        for index, (pair, key) in enumerate(zip(found, keys, strict=True))
+        if key is None or best[key] == index
+    ]
+
+
+def _results_of(run: Any) -> dict[str, Any]:
+    return run if isinstance(run, dict) else run.results  # results.json itself, or plots' RunFiles
+
+
+def _same_run(results: dict[str, Any]) -> str | None:
+    """What makes two results.json the same run: the config but for where and how it was launched."""
+    config = results.get("config")
+    if not isinstance(config, dict):
+        return None  # failed before it started: no run to repeat
+    flat = {k: v for k, v in flatten(config).items() if k not in SAME_RUN_ANYWAY}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _rank(results: dict[str, Any]) -> tuple[bool, str]:
+    return results.get("status") == "completed", str(results.get("finished_at") or "")
 
 
 def skipped(why: str, problems: list[str] | None) -> None:
