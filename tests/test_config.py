@@ -134,6 +134,7 @@ def test_experiment_preset_overrides_groups():
         (["optim.momentum=1.5"], "optim.momentum"),
         (["dataset.name=imagenet"], "dataset.name"),
         (["+extra=1"], "extra"),
+        (["trainer.patience=3", "dataset.val_fraction=0"], "trainer.patience"),
     ],
 )
 def test_impossible_values_name_their_key(overrides, key):

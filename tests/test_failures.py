@@ -138,7 +138,14 @@ def test_resume_refuses_another_config_naming_the_differences(make, tmp_path):
     assert snapshot(tmp_path / "first") == before
 
 
+def test_a_random_shift_as_wide_as_the_images_is_refused(make, tmp_path):
+    with pytest.raises(ConfigError, match=r"^dataset.random_shift: 28 pixels would .*: at most 27$"):
+        runner.train(make("dataset.random_shift=28"), tmp_path / "run")
+
+
 def test_resume_from_a_folder_without_checkpoint_says_so(make, tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.resume: /dev/null: not a file$"):
+        runner.train(make("trainer.resume=/dev/null"), tmp_path / "run")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^trainer.resume: .*empty: no checkpoint.pt in that folder"):
         runner.train(make(f"trainer.resume={tmp_path / 'empty'}"), tmp_path / "run")

@@ -220,3 +220,13 @@ def test_one_run_in_two_folders_is_counted_once(tmp_path, capsys):
         f"fa-report: {tmp_path / '1_bp_seed1' / 'results.json'} repeats the run of "
         f"{tmp_path / '2_bp_seed1' / 'results.json'} (same config and seed); counted once",
     ]
+
+
+def test_fa_report_with_every_file_skipped_says_so(tmp_path):
+    (tmp_path / "results.json").write_text("[]")
+    proc = run_cli("fa_cli.report", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.splitlines()[-1]
+        == f"fa-report: error: no readable results.json under {tmp_path} (1 skipped, above)"
+    )

@@ -315,6 +315,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_trainer(run.trainer)
     _check_diagnostics(run.diagnostics)
     _check_eval(run.eval)
+    if run.trainer.patience is not None and run.dataset.val_fraction == 0:
+        raise ConfigError(
+            "trainer.patience",
+            "stops on validation accuracy, and dataset.val_fraction=0 holds no validation split",
+        )
     logger_settings(cfg)  # a tracker whose package is missing fails with the config, before any job
     return run
 

@@ -376,7 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     problems: list[str] = []
     tables = summarize(collect(args.paths, problems))
     if not tables:
-        _error(f"no results.json under {', '.join(map(str, args.paths))}")
+        where = ", ".join(map(str, args.paths))
+        if problems:
+            _error(f"no readable results.json under {where} ({len(problems)} skipped, above)", code=1)
+        _error(f"no results.json under {where}")
     if args.format == "markdown":
         print(to_markdown(tables), end="")
     elif args.format == "csv":

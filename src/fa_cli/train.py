@@ -272,6 +272,9 @@ class Run:
             torch.set_num_threads(cfg.trainer.threads)
         engine.keep_freed_memory()
         shape = data.shape_of(cfg.dataset)
+        if cfg.dataset.random_shift >= shape.size:
+            why = f"{cfg.dataset.random_shift} pixels would move the {shape.size}-pixel images out of sight"
+            raise ConfigError("dataset.random_shift", f"{why}: at most {shape.size - 1}")
         network = models.build(
             cfg.model, in_channels=shape.channels, image_size=shape.size, num_classes=shape.num_classes
         )
@@ -608,7 +611,8 @@ def read_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
     file = path / "checkpoint.pt" if path.is_dir() else path
     if not file.is_file():
         why = "no checkpoint.pt in that folder (the run stopped before its first epoch ended?)"
-        raise ConfigError("trainer.resume", f"{path}: {why if path.is_dir() else 'no such file'}")
+        what = why if path.is_dir() else "not a file" if path.exists() else "no such file"
+        raise ConfigError("trainer.resume", f"{path}: {what}")
     try:
         checkpoint = load_checkpoint(file)
     except CheckpointError as e:
