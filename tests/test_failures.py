@@ -664,3 +664,22 @@ def test_a_grid_does_not_rewrite_its_summary_from_part_of_the_runs(fa_train, tmp
     assert f"fa-report: skipping {damaged}: " in proc.stderr
     assert "1 file(s) skipped (above); " in proc.stderr and "summary and figures not rewritten" in proc.stderr
     assert {name: (sweep / name).read_bytes() for name in kept} == kept
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["dataset=null"], "ValueError: Config group override must be a string or a list. Got NoneType"),
+        (
+            ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", "method=bp,fa"],
+            "hydra.launcher.n_jobs: must not be 0: a number of jobs, or -1 for one per core",
+        ),
+    ],
+)
+def test_what_hydra_or_its_launcher_would_refuse_with_a_traceback_is_one_line(
+    fa_train, tmp_path, args, message
+):
+    proc = fa_train(*args, *SMOKE)
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr) == message
+    assert not (tmp_path / "sweep").exists()

@@ -119,6 +119,18 @@ def _command(full_error: bool) -> None:
         except KeyboardInterrupt:
             print("fa-train: interrupted", file=sys.stderr)
             sys.exit(EXIT_CODES["interrupted"])
+        except ValueError as error:  # Hydra's own check of an override (dataset=null), not a run's crash
+            if full_error or not _raised_in_hydra(error):
+                raise
+            print(f"fa-train: error: {describe(error)}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _raised_in_hydra(error: BaseException) -> bool:
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and f"{os.sep}hydra{os.sep}" in frame.tb_frame.f_code.co_filename
 
 
 @contextlib.contextmanager
@@ -689,6 +701,10 @@ class RunFolders(Callback):
         _keep_other_run(config, folder)
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        try:  # the launcher's settings, which it would otherwise meet with a traceback (n_jobs=0)
+            launcher.threads_per_job(config.hydra.launcher)
+        except ConfigError as error:
+            raise Abort(error) from error
         existed = Path(config.hydra.sweep.dir).is_dir()
         sweep_dir = _made("hydra.sweep.dir", config.hydra.sweep.dir)
         if not existed:
