@@ -135,6 +135,7 @@ def test_experiment_preset_overrides_groups():
         (["dataset.name=imagenet"], "dataset.name"),
         (["+extra=1"], "extra"),
         (["trainer.patience=3", "dataset.val_fraction=0"], "trainer.patience"),
+        (["eval.attack=fgsm", "eval.eps=[0.3,0,0.3]"], "eval.eps[2]"),
     ],
 )
 def test_impossible_values_name_their_key(overrides, key):

@@ -456,6 +456,8 @@ def _check_eval(e: EvalConfig) -> None:
     for i, eps in enumerate(e.eps):
         if not 0 <= eps <= 1:  # also rejects NaN
             raise ConfigError(f"eval.eps[{i}]", f"must be in [0, 1] (pixel units), got {eps}")
+        if eps in e.eps[:i]:  # tables would average the repeats as if they were other seeds
+            raise ConfigError(f"eval.eps[{i}]", f"{eps} is listed twice")
     _positive("eval.steps", e.steps)
     _positive("eval.step_size", e.step_size)
 
