@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
 class Abort(BaseException):
@@ -573,6 +573,12 @@ class ValidateSweep(Callback):
     job fails in seconds instead of after hours of the others."""
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        from fa_cli.launcher import threads_per_job  # here, not at the top: fa_cli.launcher imports this
+
+        try:  # the launcher's settings, which it would otherwise meet with a traceback (n_jobs=0)
+            threads_per_job(config.hydra.launcher)
+        except ConfigError as e:
+            raise Abort(e) from e
         for job in sweep_jobs(config) or []:
             try:
                 check_sweep_job(validate(compose(config_name=config_name, overrides=list(job))))

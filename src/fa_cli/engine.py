@@ -72,8 +72,9 @@ def keep_freed_memory() -> bool:
 
 class Diverged(Exception):
     """The training loss of ``step`` (counted from 1) of ``epoch`` was NaN, infinite, or above
-    ``max_loss``; ``loss`` is that batch's loss. With ``split="validation"`` (and no ``step``): the
-    validation loss after ``epoch`` was not finite, though every training batch's was."""
+    ``max_loss``; ``loss`` is that batch's loss. With ``split="validation"`` (or ``"test"``, which the
+    runner records) and no ``step``: that split's loss after ``epoch`` was not finite, though every
+    training batch's was."""
 
     def __init__(
         self,

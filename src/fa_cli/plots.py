@@ -84,7 +84,8 @@ def collect_runs(paths: Iterable[Path], problems: list[str] | None = None) -> li
                 runs.append((file, run))
             except (OSError, ValueError) as e:
                 skipped(f"{file.parent} in plots: {e}", problems)
-    return [run for _, run in once_each(runs, note=False)]  # the tables' collect notes repeats
+    files, results = [file for file, _ in runs], [run.results for _, run in runs]
+    return [runs[i][1] for i in once_each(files, results, note=False)]  # the tables' collect notes repeats
 
 
 def _read_csv(path: Path, numbers: Sequence[str], names: Sequence[str] = ()) -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -32,7 +32,6 @@ from fa_cli.alignment import METHODS
 from fa_cli.config import LAUNCH_ONLY, SAME_RUN_ANYWAY, flatten
 from fa_cli.files import csv_text, write_csv, write_text
 
-T = TypeVar("T")
 IDENTITY = ("method", "model", "dataset", "seed")  # what names a run; every other override is a setting
 LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF", "kp": "KP"}
 HEADER = ("Method", "Test Accuracy", "Loss", "Runs")  # the report's columns, and how many runs
@@ -97,39 +96,30 @@ def collect(paths: Iterable[Path], problems: list[str] | None = None) -> list[di
                 found.append((file, read_results(file)))
             except (OSError, ValueError) as e:
                 skipped(f"{file}: {e}", problems)
-    return [results for _, results in once_each(found)]
+    return [found[i][1] for i in once_each([file for file, _ in found], [results for _, results in found])]
 
 
-def once_each(found: list[tuple[Path, T]], note: bool = True) -> list[tuple[Path, T]]:
-    """``found`` (file, run) pairs less repeats of one run: the same config and seed in two folders
-    (a grid relaunched with more values, whose job numbers, and so folder names, moved; a run resumed
-    into a new folder). Averaging both would count one run twice; the completed one that finished
-    last is kept, and with ``note`` the repeat is told on stderr."""
-    keys = [_same_run(_results_of(run)) for _, run in found]
-    best: dict[str, int] = {}  # a run's key -> the index of the pair kept for it
+def once_each(files: list[Path], results: list[dict[str, Any]], note: bool = True) -> list[int]:
+    """The indices, in order, of ``results`` (read from ``files``) less repeats of one run: the same
+    config and seed in two folders (a grid relaunched with more values, whose job numbers, and so
+    folder names, moved; a run resumed into a new folder). Averaging both would count one run twice;
+    the completed one that finished last is kept, and with ``note`` the repeat is told on stderr."""
+    keys = [_same_run(r) for r in results]
+    best: dict[str, int] = {}  # a run's key -> the index kept for it
     for index, key in enumerate(keys):
         if key is None:
             continue
         if key not in best:
             best[key] = index
             continue
-        ranked = sorted((best[key], index), key=lambda i: _rank(_results_of(found[i][1])), reverse=True)
-        best[key], drop = ranked
+        best[key], drop = sorted((best[key], index), key=lambda i: _rank(results[i]), reverse=True)
         if note:
             print(
-                f"fa-report: {found[drop][0]} repeats the run of {found[best[key]][0]} (same config and "
-                "seed); counted once",
+                f"fa-report: {files[drop]} repeats the run of {files[best[key]]} (same config and seed); "
+                "counted once",
                 file=sys.stderr,
             )
-    return [
-        pair
-        for index, (pair, key) in enumerate(zip(found, keys, strict=True))
-        if key is None or best[key] == index
-    ]
-
-
-def _results_of(run: Any) -> dict[str, Any]:
-    return run if isinstance(run, dict) else run.results  # results.json itself, or plots' RunFiles
+    return [index for index, key in enumerate(keys) if key is None or best[key] == index]
 
 
 def _same_run(results: dict[str, Any]) -> str | None:
@@ -300,12 +290,17 @@ def to_rich(tables: Tables) -> list[Table]:
     return out
 
 
-def write_plots(folder: Path, paths: Iterable[Path]) -> list[Path]:
+def write_plots(folder: Path, paths: Iterable[Path], problems: list[str] | None = None) -> list[Path]:
     """The sweep figures (:func:`fa_cli.plots.plot_sweep`) of the runs under ``paths``, in ``folder``;
-    returns the files written."""
+    returns the files written. With ``problems``, a run that cannot be read is added to it and no
+    figure is drawn: figures of part of the runs would replace complete ones."""
     from fa_cli import plots  # here: plots imports this module
 
-    return plots.plot_sweep(Path(folder), plots.collect_runs(paths))
+    known = len(problems) if problems is not None else 0
+    runs = plots.collect_runs(paths, problems)
+    if problems is not None and len(problems) > known:
+        return []
+    return plots.plot_sweep(Path(folder), runs)
 
 
 def write_summary(folder: Path, tables: Tables) -> None:
@@ -396,15 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         write_summary(folder, tables)
         print(f"wrote {folder / 'summary.md'} and {folder / 'summary.csv'}", file=sys.stderr)
     if args.plots:
-        from fa_cli import plots  # here: plots imports this module
-
-        runs = plots.collect_runs(args.paths, problems)
-        if problems:
-            _error(f"{len(problems)} file(s) skipped (above); no plots written in {folder}", code=1)
         try:
-            figures = plots.plot_sweep(folder, runs)
+            figures = write_plots(folder, args.paths, problems)
         except Exception as e:
             _error(f"plots not written: {type(e).__name__}: {e}", code=1)
+        if problems:
+            _error(f"{len(problems)} file(s) skipped (above); no plots written in {folder}", code=1)
         for figure in figures:
             print(f"wrote {figure}", file=sys.stderr)
     if problems:

@@ -191,7 +191,8 @@ def hydra_main(cfg: DictConfig) -> str:
             if isinstance(error, ConfigError | data.DataError):
                 raise Abort(error) from error
             raise
-        # One failed job must not lose the others: it is recorded, and the sweep goes on.
+        # One failed job must not lose the others: it is recorded (in its folder, unless an earlier
+        # run's results are there; the grid's summary counts the status returned), and the sweep goes on.
         log.error(f"run failed: {describe(error)}")
         return "failed"
     if not sweep and results["status"] != "completed":
@@ -233,10 +234,8 @@ def train(
     except ConfigError as error:
         if cfg.trainer.resume is None and resume is not None and error.key == "trainer.resume":
             # The checkpoint skip_completed chose, not one the user named: say which setting it was.
-            why = str(error).removeprefix("trainer.resume: ")
-            raise ConfigError(
-                "trainer.skip_completed", f"the unfinished run's checkpoint cannot be resumed: {why}"
-            ) from error
+            why = f"the unfinished run's checkpoint cannot be resumed: {error.message}"
+            raise ConfigError("trainer.skip_completed", why) from error
         raise
     try:
         status = run.fit()
@@ -425,23 +424,23 @@ class Run:
                     if self.patience_ran_out(record):
                         break
         except engine.Diverged as e:
-            # NaN and inf are not JSON: those losses are written as words.
-            loss = e.loss if math.isfinite(e.loss) else str(e.loss)
-            results["diverged_at"] = {"epoch": e.epoch, "step": e.step, "loss": loss, "split": e.split}
-            log.warning(f"diverged: {e}")
-            return "diverged"
+            return self.diverged(e)
         model.load_state_dict(self.selected.state)
         batch_size = cfg.trainer.eval_batch_size
         test_loss, test_accuracy = engine.evaluate(model, splits.test, batch_size, self.world)
         if not math.isfinite(test_loss):  # no validation split stopped it: the tested model is broken
-            epoch = self.selected.epoch
-            results["diverged_at"] = {"epoch": epoch, "step": None, "loss": str(test_loss), "split": "test"}
-            log.warning(f"diverged: test loss {test_loss} is not finite for the model of epoch {epoch}")
-            return "diverged"
+            return self.diverged(engine.Diverged(self.selected.epoch, None, test_loss, split="test"))
         results["test_loss"], results["test_accuracy"] = test_loss, test_accuracy
         if cfg.eval.attack != "none":
             self.attack(splits)
         return "completed"
+
+    def diverged(self, e: engine.Diverged) -> str:
+        """Record where the run diverged (NaN and inf are not JSON: those losses as words)."""
+        loss = e.loss if math.isfinite(e.loss) else str(e.loss)
+        self.results["diverged_at"] = {"epoch": e.epoch, "step": e.step, "loss": loss, "split": e.split}
+        log.warning(f"diverged: {e}")
+        return "diverged"
 
     def attack(self, splits: data.Data) -> None:
         """Test accuracy of the selected model under ``eval.attack`` at each ``eval.eps``."""
@@ -701,10 +700,6 @@ class RunFolders(Callback):
         _keep_other_run(config, folder)
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
-        try:  # the launcher's settings, which it would otherwise meet with a traceback (n_jobs=0)
-            launcher.threads_per_job(config.hydra.launcher)
-        except ConfigError as error:
-            raise Abort(error) from error
         existed = Path(config.hydra.sweep.dir).is_dir()
         sweep_dir = _made("hydra.sweep.dir", config.hydra.sweep.dir)
         if not existed:
@@ -738,8 +733,8 @@ def _keep_other_run(config: DictConfig, folder: str | Path, context: str = "") -
     """Raise :class:`Abort` (exit code 2) when ``folder`` holds a run of another config than ``config``
     (Hydra's, with its ``hydra`` node). A config that does not validate is left to its run to report."""
     folder = Path(folder)
-    if not (folder / "results.json").is_file():
-        return
+    if not any((folder / name).is_file() for name in ("results.json", "checkpoint.pt")):
+        return  # no run there (what _previous_run reads to tell whose it is)
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     try:
         run = validate(task)
