@@ -68,7 +68,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from fa_cli import data, engine, models
-from fa_cli.alignment import METHODS, AlignmentLayer, convert, feedback
+from fa_cli.alignment import METHODS, AlignmentLayer, convert, feedback, philox
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
 
@@ -445,8 +445,9 @@ def section_settle(args: argparse.Namespace, report: Report, device: torch.devic
 
 
 #: profile_step wraps brsf's draw in a record_function of this name, so that whatever the draw calls
-#: (torch's generator now, or code torch.profiler does not see) is counted as random numbers.
-BRSF_DRAW = "brsf: draw |R|"
+#: (on the CPU a numba kernel torch.profiler does not see, which gives the signs too) is counted as
+#: random numbers.
+BRSF_DRAW = "brsf: draw sign(W) |R|"
 #: Profiler op names -> what they are in a training step (the rest is "other").
 OP_KINDS = {
     "matmul / conv": (
@@ -480,18 +481,18 @@ def profile_step(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> dic
     """Milliseconds per step in each kind of op: the self time torch.profiler records per op name."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    draw = feedback.drawn_magnitudes
+    draw = feedback.drawn_feedback
 
     def labelled_draw(*args: Any) -> Tensor:
         with record_function(BRSF_DRAW):
             return draw(*args)
 
-    feedback.drawn_magnitudes = labelled_draw
+    feedback.drawn_feedback = labelled_draw
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             train_steps(case, inputs, targets, steps)
     finally:
-        feedback.drawn_magnitudes = draw
+        feedback.drawn_feedback = draw
     kinds = {name: kind for kind, names in OP_KINDS.items() for name in names}
     totals: dict[str, float] = {kind: 0.0 for kind in [*OP_KINDS, "other"]}
     for event in prof.key_averages():
@@ -526,6 +527,10 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     copy = statistics.median(timed(lambda: weights.clone(), device) for _ in range(20))
     draws = torch.empty(1_000_000)
     rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
+    signs = torch.randn(1_000_000)
+    brsf = statistics.median(
+        timed(lambda: philox.signed_uniform(signs, 1.0, philox.draw_key()), device) for _ in range(20)
+    )
     report.table(
         f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
         ["method", "total", *kinds],
@@ -534,7 +539,8 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
             f"median of {args.limit_rounds} profiled rounds of {args.limit_steps} steps; self CPU time per "
             f"op name. For scale: one copy of all {weights.numel() / 1e6:.2f}M weights takes "
             f"{1e3 * copy:.2f} ms; uniform_ on the CPU generator (mt19937) draws 1M floats in "
-            f"{1e3 * rng:.2f} ms."
+            f"{1e3 * rng:.2f} ms, brsf's Philox 1M signed ones in {1e3 * brsf:.2f} ms (its draw, signs "
+            "included, is the random-numbers column: brsf's copysign column is 0)."
         ),
     )
     del cases
@@ -618,6 +624,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
     weights = [p for p in parameters if p.dim() > 1]  # first layer first
     magnitudes = [torch.rand_like(w) for w in weights]
     draws = torch.empty(1_000_000, device=device)
+    signs = torch.randn(1_000_000, device=device)
     grads = [torch.randn_like(p) for p in parameters]
 
     def sgd(fused: bool | None) -> torch.optim.Optimizer:
@@ -681,6 +688,12 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             lambda: [torch.copysign(m, w.detach()) for m, w in zip(magnitudes, weights, strict=True)],
             "all but the first",
             lambda: [torch.copysign(m, w.detach()) for m, w in zip(magnitudes[1:], weights[1:], strict=True)],
+        ),
+        "brsf's matrix, 1M entries with W's signs (ms): torch's generator and copysign_, or Philox": (
+            "uniform_, copysign_",
+            lambda: torch.empty_like(signs).uniform_(0.0, 0.1).copysign_(signs),
+            "Philox (kept)",
+            lambda: philox.signed_uniform(signs, 0.1, philox.draw_key()),
         ),
         "brsf's magnitudes, 1M draws (ms): torch's generator, or numpy's SFC64 seeded from it and scaled": (
             "uniform_ (mt19937)",

@@ -9,7 +9,7 @@ fa        ``B``, weight's shape        ``B``                                    
 kp        ``B``, weight's shape        ``B``                                              W's update
 usf       ``sign(W) * m``, one ``m``   ``sign(W) * |feedback|``                           sign(W)
 frsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``                           sign(W)
-brsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``, ``|R|`` drawn per batch  every step
+brsf      ``sign(W) * |R|``            ``feedback``, drawn whole for each training batch   every step
 dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedback``     never
 ========  ===========================  =================================================  ==========
 
@@ -17,6 +17,8 @@ The sign-concordant rules keep the matrix itself, signs and all, and only its ma
 theirs: every backward that sends an error through ``feedback`` first gives it the signs of ``W``,
 in place (:func:`take_signs`, called by :mod:`fa_cli.alignment.functional`), so after a step the
 buffer is the matrix the last error went through, and ``effective`` is the one for ``W`` as it is now.
+brsf in training draws each batch's matrix whole instead, signs and magnitudes in one pass at the
+forward (:func:`drawn_feedback`); its backward uses it as it is.
 
 Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
@@ -130,17 +132,23 @@ def initial_direct_feedback(
     return values.to(device=like.device, dtype=like.dtype)
 
 
-def drawn_magnitudes(weight: Tensor, scale: float, init: str = "default") -> Tensor:
-    """brsf: a fresh ``|R|`` for this batch, a new tensor like ``weight``, from the global RNG (so
-    ``torch.manual_seed`` makes training reproducible and checkpoints of the RNG state resume it
-    exactly). A new tensor, not the buffer overwritten: a graph that still holds the last batch's
-    matrix (two forwards, one backward) keeps it."""
-    # On the CPU this is bound by the generator: about 2.4 ms of one core per million draws, which no
-    # other exact sampler tried beats by enough to matter (numpy's SFC64: 0.78 of it; drawing on two
-    # threads: no faster beside OpenMP's spinning workers; docs/PERFORMANCE.md, fourth round).
-    return torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(
-        0.0, weight_bound(weight, scale, init)
-    )
+def drawn_feedback(weight: Tensor, scale: float, init: str = "default") -> Tensor:
+    """brsf: this training batch's matrix, ``sign(W) * |R|`` with a fresh ``|R|``, as a new tensor like
+    ``weight``. Drawn from the global RNG, so ``torch.manual_seed`` makes training reproducible and
+    checkpoints of the RNG state resume it exactly. A new tensor, not the buffer overwritten: a graph
+    that still holds the last batch's matrix (two forwards, one backward) keeps it. The signs are
+    given here, in the same pass, so the backward need not give them again."""
+    bound = weight_bound(weight, scale, init)
+    if weight.device.type != "cpu":
+        # CUDA's generator is already counter-based (Philox) and parallel.
+        magnitudes = torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(0.0, bound)
+        return magnitudes.copysign_(weight.detach())
+    # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
+    # the 4x1024 MLP; Philox on SIMD registers, fused with the signs, draws the same law about ten
+    # times faster (docs/PERFORMANCE.md, twelfth round). Imported here: only brsf pays numba's import.
+    from fa_cli.alignment import philox
+
+    return philox.signed_uniform(weight, bound, philox.draw_key()).to(weight.dtype)
 
 
 def take_signs(feedback: Tensor, weight: Tensor) -> None:

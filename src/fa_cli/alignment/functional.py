@@ -9,8 +9,9 @@ replaces the third:
 
 - feedback alignment and its relatives (fa, usf, brsf, frsf, kp): ``dL/dy = delta B`` with a
   feedback matrix ``B`` of the weight's shape (the report's ``B_{i+1}`` in place of ``W_{i+1}^T``);
-  for the sign-concordant ones the backward first gives ``B`` the signs of ``W``. kp's ``B`` learns
-  too, but not here: the optimizer gives it ``W``'s gradient at each step
+  for the sign-concordant ones the backward first gives ``B`` the signs of ``W`` (brsf in training
+  draws its ``B`` with them, at the forward: :func:`fa_cli.alignment.feedback.drawn_feedback`). kp's
+  ``B`` learns too, but not here: the optimizer gives it ``W``'s gradient at each step
   (:func:`fa_cli.alignment.train_feedback`);
 - direct feedback alignment (dfa): ``dL/dy = e B_dfa``, the output error ``e`` projected straight to
   the layer's input. That projection is computed once for all layers by :mod:`fa_cli.alignment.dfa`,
@@ -47,8 +48,8 @@ def _linear_param_grads(
 
 
 def _give_signs(ctx: Any, feedback: Tensor) -> None:
-    # usf, frsf, brsf: B takes W's signs right before the error goes through it, and only when an
-    # error goes down at all (a first layer's backward needs no B).
+    # usf, frsf (brsf outside training): B takes W's signs right before the error goes through it,
+    # and only when an error goes down at all (a first layer's backward needs no B).
     if ctx.signs_of is not None and ctx.needs_input_grad[0]:
         take_signs(feedback, ctx.signs_of)
 

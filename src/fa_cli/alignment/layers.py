@@ -107,15 +107,18 @@ class AlignmentLayer:
         if self.method == "dfa" and self.feedback is None and rules_active():
             self._direct_ticket(input)
 
-    def _step_feedback(self) -> Tensor:
-        """The ``feedback`` this forward sends errors through: brsf draws new magnitudes for each
-        training batch; the sign-concordant rules' backward gives it W's signs before using it."""
+    def _step_feedback(self) -> tuple[Tensor, bool]:
+        """The ``feedback`` this forward sends errors through, and whether the backward must first give
+        it W's signs: usf and frsf (and brsf outside training) take them there; brsf in training draws
+        this batch's whole matrix here, signs included."""
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
+            drawn = fb.drawn_feedback(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
             # Straight into the registered buffer: nn.Module.__setattr__ would run register_buffer's
             # checks every step, a cost that shows on a small model (docs/PERFORMANCE.md, sixth round).
-            self._buffers["feedback"] = fb.drawn_magnitudes(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
+            self._buffers["feedback"] = drawn  # type: ignore[attr-defined]
+            return drawn, False
         assert self.feedback is not None
-        return self.feedback
+        return self.feedback, self.method in fb.SIGN_CONCORDANT
 
     def _direct_ticket(self, input: Tensor) -> Projection | None:
         """dfa: make sure this layer has its projection, and ask the running pass for a slice."""
@@ -187,8 +190,7 @@ class Linear(AlignmentLayer, nn.Linear):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
-        signs = self.method in fb.SIGN_CONCORDANT
-        return LinearFeedback.apply(input, self.weight, self.bias, self._step_feedback(), signs)
+        return LinearFeedback.apply(input, self.weight, self.bias, *self._step_feedback())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._rule_repr()}"
@@ -221,8 +223,8 @@ class _ConvNd(AlignmentLayer):
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
         if self.method == "dfa":
             return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
-        signs = self.method in fb.SIGN_CONCORDANT
-        return ConvFeedback.apply(input, self.weight, self.bias, self._step_feedback(), *conf, signs)
+        feedback, signs = self._step_feedback()
+        return ConvFeedback.apply(input, self.weight, self.bias, feedback, *conf, signs)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """The input and the symmetric zero padding left for the convolution itself.

@@ -1,0 +1,87 @@
+"""brsf's matrices on the CPU: uniform magnitudes from Philox4x32-10, with the weight's signs.
+
+Why not ``torch.Tensor.uniform_``: on the CPU it draws from mt19937, one number after another (2.4 ms
+per million float32 on the Intel machine, 4-8 ms on the AMD one), and brsf draws one per weight per
+step: 3.1M on the 4x1024 MLP, more than half a backprop step. Philox is counter-based: block ``i`` of
+a stream is a pure function of ``(i, key)``, so a compiled loop works on several blocks at once in SIMD
+registers (about 0.8 ms per million on the AMD machine; docs/PERFORMANCE.md, twelfth round). It is the
+generator PyTorch uses on CUDA, and it passes TestU01's BigCrush (Salmon et al. 2011, "Parallel random
+numbers: as easy as 1, 2, 3"); :func:`philox4x32` reproduces Random123's known-answer vectors.
+
+The stream of ``n`` numbers under ``key``: block ``i`` is Philox4x32-10 of the counter
+``(i mod 2**32, i div 2**32, 0, 0)``, and with ``m = n // 4`` full blocks, number ``q * m + i`` is word
+``q`` of block ``i`` (each word fills a contiguous quarter, which keeps the stores vectorised); the last
+``n mod 4`` numbers are the first words of block ``m``. A word ``w`` gives the magnitude
+``(w >> 8) * 2**-24 * bound``: float32's 24 bits, in ``[0, bound)``.
+
+The key comes from torch's global generator (:func:`draw_key`), so ``torch.manual_seed`` makes the
+draws reproducible and a checkpoint of torch's RNG state resumes them exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+# Random123's constants: the two multipliers, and the key's increments (the golden ratio, sqrt(3) - 1).
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_ROUNDS = 10
+
+
+@njit(cache=True, inline="always")  # inlined into _fill_signed, whose block loop then vectorises
+def philox4x32(c0: int, c1: int, c2: int, c3: int, k0: int, k1: int) -> tuple[int, int, int, int]:
+    """One Philox4x32-10 block: the counter's four 32-bit words under the key's two."""
+    c0, c1, c2, c3 = np.uint32(c0), np.uint32(c1), np.uint32(c2), np.uint32(c3)
+    k0, k1 = np.uint32(k0), np.uint32(k1)
+    for _ in range(_ROUNDS):
+        # mulhilo: the 64-bit products of the multipliers and words 0 and 2, split into halves.
+        # numba widens uint32 ^ uint32 to 64 bits: each new word is cut back to 32.
+        p0 = np.uint64(_M0) * np.uint64(c0)
+        p1 = np.uint64(_M1) * np.uint64(c2)
+        c0, c1, c2, c3 = (
+            np.uint32((p1 >> np.uint64(32)) ^ c1 ^ k0),
+            np.uint32(p1),
+            np.uint32((p0 >> np.uint64(32)) ^ c3 ^ k1),
+            np.uint32(p0),
+        )
+        k0 = np.uint32(k0 + np.uint32(_W0))  # the key moves on after each round, mod 2**32
+        k1 = np.uint32(k1 + np.uint32(_W1))
+    return c0, c1, c2, c3
+
+
+@njit(cache=True)
+def _fill_signed(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: float) -> None:
+    # out, signs: (n,) float32, contiguous. out[j] = copysign(magnitude j of the stream, signs[j]).
+    # The block loop has no branch and writes four contiguous runs, so LLVM vectorises it.
+    n = out.shape[0]
+    m = n // 4
+    scale = np.float32(bound) * np.float32(2.0**-24)
+    shift = np.uint32(8)
+    for i in range(m):
+        w0, w1, w2, w3 = philox4x32(np.uint32(i), np.uint32(i >> 32), 0, 0, k0, k1)
+        out[i] = np.copysign(np.float32(w0 >> shift) * scale, signs[i])
+        out[m + i] = np.copysign(np.float32(w1 >> shift) * scale, signs[m + i])
+        out[2 * m + i] = np.copysign(np.float32(w2 >> shift) * scale, signs[2 * m + i])
+        out[3 * m + i] = np.copysign(np.float32(w3 >> shift) * scale, signs[3 * m + i])
+    tail = philox4x32(np.uint32(m), np.uint32(m >> 32), 0, 0, k0, k1)
+    for j in range(n - 4 * m):
+        out[4 * m + j] = np.copysign(np.float32(tail[j] >> shift) * scale, signs[4 * m + j])
+
+
+def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
+    """A fresh 64-bit key, as two 32-bit words, from ``generator`` (torch's global CPU one if None)."""
+    k0, k1 = torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator).tolist()
+    return k0, k1
+
+
+def signed_uniform(signs: Tensor, bound: float, key: tuple[int, int]) -> Tensor:
+    """A new float32 CPU tensor shaped like ``signs``: the ``U(0, bound)`` stream of ``key`` (see
+    above), each entry with the sign bit of ``signs``' entry (a zero's too, as ``copysign``)."""
+    out = torch.empty(signs.shape)
+    # float32 and contiguous (a copy only for other dtypes or layouts); detached, for numpy.
+    signs = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    _fill_signed(out.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)
+    return out

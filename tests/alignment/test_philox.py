@@ -1,0 +1,108 @@
+"""brsf's CPU generator: Philox4x32-10 against Random123's known answers, and the stream's layout."""
+
+import math
+
+import pytest
+import torch
+
+from fa_cli.alignment import philox
+
+MASK = 2**32 - 1
+# Random123's kat_vectors, "philox4x32 10": counter (4 words), key (2 words) -> output (4 words).
+KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((MASK, MASK, MASK, MASK), (MASK, MASK), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+def reference_block(counter: tuple[int, ...], key: tuple[int, ...]) -> list[int]:
+    """Philox4x32-10 in plain Python integers, written from Salmon et al. (2011)."""
+    c, k = list(counter), list(key)
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & MASK, (p0 >> 32) ^ c[3] ^ k[1], p0 & MASK]
+        k = [(k[0] + 0x9E3779B9) & MASK, (k[1] + 0xBB67AE85) & MASK]
+    return c
+
+
+def reference_stream(n: int, key: tuple[int, int]) -> list[float]:
+    """The n magnitudes (bound 1) of the module's layout: word q of block i at q * (n // 4) + i."""
+    m = n // 4
+    values = [0.0] * n
+    for i in range(m):
+        for q, word in enumerate(reference_block((i, 0, 0, 0), key)):
+            values[q * m + i] = (word >> 8) / 2**24
+    for j, word in enumerate(reference_block((m, 0, 0, 0), key)[: n - 4 * m]):
+        values[4 * m + j] = (word >> 8) / 2**24
+    return values
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), KNOWN_ANSWERS)
+def test_philox_gives_random123s_known_answers(counter, key, expected):
+    assert reference_block(counter, key) == list(expected)
+    assert [int(word) for word in philox.philox4x32(*counter, *key)] == list(expected)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 7, 1027])
+@pytest.mark.parametrize("key", [(0, 0), (MASK, MASK), (0x12345678, 0x9ABCDEF0)])
+def test_signed_uniform_is_the_stream_of_its_key_with_the_signs_given(n, key):
+    signs = torch.randn(n)
+    signs[::3] *= -1
+    drawn = philox.signed_uniform(signs, 1.0, key)
+    assert drawn.dtype == torch.float32 and drawn.shape == signs.shape
+    assert drawn.abs().double().tolist() == reference_stream(n, key)
+    assert torch.equal(torch.signbit(drawn), torch.signbit(signs))
+
+
+def test_signed_uniform_scales_and_keeps_the_sign_bit_of_zeros():
+    signs = torch.tensor([0.0, -0.0, 2.0, -3.0, 0.0, -0.0, 1.0])
+    drawn = philox.signed_uniform(signs, 0.25, (7, 9))
+    assert torch.equal(torch.signbit(drawn), torch.signbit(signs))
+    expected = torch.tensor(reference_stream(7, (7, 9)), dtype=torch.float32) * 0.25
+    assert torch.equal(drawn.abs(), expected)
+
+
+def test_signs_of_any_dtype_and_layout_are_read_in_logical_order():
+    weight = torch.randn(6, 5, dtype=torch.float64)
+    expected = philox.signed_uniform(weight.float(), 0.5, (1, 2))
+    assert torch.equal(philox.signed_uniform(weight, 0.5, (1, 2)), expected)
+    transposed = weight.t()  # not contiguous: its entries in memory are not in its logical order
+    drawn = philox.signed_uniform(transposed, 0.5, (1, 2))
+    assert torch.equal(drawn.abs(), expected.abs().reshape(5, 6))  # the stream, in logical order
+    assert torch.equal(torch.signbit(drawn), torch.signbit(transposed))
+    conv = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    assert torch.equal(
+        philox.signed_uniform(conv, 0.5, (1, 2)), philox.signed_uniform(conv.contiguous(), 0.5, (1, 2))
+    )
+
+
+def test_keys_come_from_torchs_generator():
+    torch.manual_seed(3)
+    first = philox.draw_key()
+    torch.manual_seed(3)
+    assert philox.draw_key() == first
+    assert philox.draw_key() != first
+    assert all(0 <= word <= MASK for word in first)
+    seeded = [philox.draw_key(torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_a_million_draws_look_uniform_and_independent():
+    drawn = philox.signed_uniform(torch.ones(1_000_000), 1.0, (2024, 11)).double()
+    assert drawn.min() >= 0 and drawn.max() < 1
+    assert abs(drawn.mean().item() - 0.5) < 0.002  # 5 standard errors of the mean (0.00029)
+    assert abs(drawn.var().item() - 1 / 12) < 0.001
+    # 256 equal bins: chi-square with 255 degrees of freedom, below its 0.9999 quantile (about 350)
+    counts = torch.histc(drawn, bins=256, min=0.0, max=1.0)
+    expected = drawn.numel() / 256
+    assert ((counts - expected) ** 2 / expected).sum().item() < 350
+    # neighbours in memory (different words of one block, or consecutive blocks) are uncorrelated
+    for lag in (1, 250_000):
+        a, b = drawn[:-lag] - 0.5, drawn[lag:] - 0.5
+        correlation = (a * b).mean() / (a.std() * b.std())
+        assert abs(correlation.item()) < 5 / math.sqrt(drawn.numel())
