@@ -148,7 +148,8 @@ def drawn_feedback(weight: Tensor, scale: float, init: str = "default") -> Tenso
     # times faster (docs/PERFORMANCE.md, twelfth round). Imported here: only brsf pays numba's import.
     from fa_cli.alignment import philox
 
-    return philox.signed_uniform(weight, bound, philox.draw_key()).to(weight.dtype)
+    drawn = philox.signed_uniform(weight, bound, philox.draw_key())
+    return drawn if weight.dtype == torch.float32 else drawn.to(weight.dtype)
 
 
 def take_signs(feedback: Tensor, weight: Tensor) -> None:

@@ -72,16 +72,20 @@ def _fill_signed(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: fl
 
 
 def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
-    """A fresh 64-bit key, as two 32-bit words, from ``generator`` (torch's global CPU one if None)."""
-    k0, k1 = torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator).tolist()
-    return k0, k1
+    """A fresh key, one 63-bit draw from ``generator`` (torch's global CPU one if None), as its low
+    and high 32-bit words."""
+    key = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    return key & 0xFFFFFFFF, key >> 32
 
 
 def signed_uniform(signs: Tensor, bound: float, key: tuple[int, int]) -> Tensor:
     """A new float32 CPU tensor shaped like ``signs``: the ``U(0, bound)`` stream of ``key`` (see
     above), each entry with the sign bit of ``signs``' entry (a zero's too, as ``copysign``)."""
-    out = torch.empty(signs.shape)
-    # float32 and contiguous (a copy only for other dtypes or layouts); detached, for numpy.
-    signs = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    # Every call is a step's draw for one layer, so its fixed costs count on small models: a weight
+    # that is float32 and contiguous is read where it lies; other dtypes and layouts are copied.
+    signs = signs.detach()
+    if signs.dtype != torch.float32 or signs.device.type != "cpu" or not signs.is_contiguous():
+        signs = signs.to(device="cpu", dtype=torch.float32).contiguous()
+    out = torch.empty_like(signs)
     _fill_signed(out.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)
     return out
