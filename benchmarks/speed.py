@@ -481,18 +481,18 @@ def profile_step(case: Case, inputs: Tensor, targets: Tensor, steps: int) -> dic
     """Milliseconds per step in each kind of op: the self time torch.profiler records per op name."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    draw = feedback.drawn_feedback
+    draw = feedback.redraw_feedback
 
-    def labelled_draw(*args: Any) -> Tensor:
+    def labelled_draw(*args: Any) -> None:
         with record_function(BRSF_DRAW):
-            return draw(*args)
+            draw(*args)
 
-    feedback.drawn_feedback = labelled_draw
+    feedback.redraw_feedback = labelled_draw
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             train_steps(case, inputs, targets, steps)
     finally:
-        feedback.drawn_feedback = draw
+        feedback.redraw_feedback = draw
     kinds = {name: kind for kind, names in OP_KINDS.items() for name in names}
     totals: dict[str, float] = {kind: 0.0 for kind in [*OP_KINDS, "other"]}
     for event in prof.key_averages():
@@ -529,7 +529,7 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
     signs = torch.randn(1_000_000)
     brsf = statistics.median(
-        timed(lambda: philox.signed_uniform(signs, 1.0, philox.draw_key()), device) for _ in range(20)
+        timed(lambda: philox.signed_uniform_(draws, signs, 1.0, philox.draw_key()), device) for _ in range(20)
     )
     report.table(
         f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
@@ -691,9 +691,9 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         ),
         "brsf's matrix, 1M entries with W's signs (ms): torch's generator and copysign_, or Philox": (
             "uniform_, copysign_",
-            lambda: torch.empty_like(signs).uniform_(0.0, 0.1).copysign_(signs),
+            lambda: draws.uniform_(0.0, 0.1).copysign_(signs),
             "Philox (kept)",
-            lambda: philox.signed_uniform(signs, 0.1, philox.draw_key()),
+            lambda: philox.signed_uniform_(draws, signs, 0.1, philox.draw_key()),
         ),
         "brsf's magnitudes, 1M draws (ms): torch's generator, or numpy's SFC64 seeded from it and scaled": (
             "uniform_ (mt19937)",

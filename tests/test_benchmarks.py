@@ -28,7 +28,7 @@ def speed():
 def test_speed_quick_cpu_sections_report_every_rule(speed, tmp_path):
     from fa_cli.alignment import feedback
 
-    draw = feedback.drawn_feedback
+    draw = feedback.redraw_feedback
     out = tmp_path / "speed.md"
     methods = ["bp", "fa", "dfa", "usf", "brsf", "kp"]
     speed.main(
@@ -36,7 +36,7 @@ def test_speed_quick_cpu_sections_report_every_rule(speed, tmp_path):
         + ["--methods", *methods, "--output", str(out)]
     )
     text = out.read_text()
-    assert feedback.drawn_feedback is draw  # the profiler's label is taken off again
+    assert feedback.redraw_feedback is draw  # the profiler's label is taken off again
     steps = text[text.index("ann (") : text.index("mlp: ms per step by its place")]
     settle = text[text.index("mlp: ms per step by its place") : text.index("Where a step")]
     limits = text[text.index("Where a step") : text.index("What the rounds")]

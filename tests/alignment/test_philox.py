@@ -42,6 +42,11 @@ def reference_stream(n: int, key: tuple[int, int]) -> list[float]:
     return values
 
 
+def drawn(out: torch.Tensor, signs: torch.Tensor, bound: float = 0.5, key=(1, 2)) -> torch.Tensor:
+    philox.signed_uniform_(out, signs, bound, key)
+    return out
+
+
 @pytest.mark.parametrize(("counter", "key", "expected"), KNOWN_ANSWERS)
 def test_philox_gives_random123s_known_answers(counter, key, expected):
     assert reference_block(counter, key) == list(expected)
@@ -53,32 +58,32 @@ def test_philox_gives_random123s_known_answers(counter, key, expected):
 def test_signed_uniform_is_the_stream_of_its_key_with_the_signs_given(n, key):
     signs = torch.randn(n)
     signs[::3] *= -1
-    drawn = philox.signed_uniform(signs, 1.0, key)
-    assert drawn.dtype == torch.float32 and drawn.shape == signs.shape
-    assert drawn.abs().double().tolist() == reference_stream(n, key)
-    assert torch.equal(torch.signbit(drawn), torch.signbit(signs))
+    out = drawn(torch.full((n,), float("nan")), signs, 1.0, key)
+    assert out.abs().double().tolist() == reference_stream(n, key)
+    assert torch.equal(torch.signbit(out), torch.signbit(signs))
 
 
 def test_signed_uniform_scales_and_keeps_the_sign_bit_of_zeros():
     signs = torch.tensor([0.0, -0.0, 2.0, -3.0, 0.0, -0.0, 1.0])
-    drawn = philox.signed_uniform(signs, 0.25, (7, 9))
-    assert torch.equal(torch.signbit(drawn), torch.signbit(signs))
+    out = drawn(torch.empty(7), signs, 0.25, (7, 9))
+    assert torch.equal(torch.signbit(out), torch.signbit(signs))
     expected = torch.tensor(reference_stream(7, (7, 9)), dtype=torch.float32) * 0.25
-    assert torch.equal(drawn.abs(), expected)
+    assert torch.equal(out.abs(), expected)
 
 
-def test_signs_of_any_dtype_and_layout_are_read_in_logical_order():
+def test_tensors_of_any_dtype_and_layout_are_read_and_filled_in_logical_order():
     weight = torch.randn(6, 5, dtype=torch.float64)
-    expected = philox.signed_uniform(weight.float(), 0.5, (1, 2))
-    assert torch.equal(philox.signed_uniform(weight, 0.5, (1, 2)), expected)
+    expected = drawn(torch.empty(6, 5), weight.float())
+    assert torch.equal(drawn(torch.empty(6, 5), weight), expected)  # float64 signs
+    assert torch.equal(drawn(torch.empty(6, 5, dtype=torch.float64), weight), expected.double())
     transposed = weight.t()  # not contiguous: its entries in memory are not in its logical order
-    drawn = philox.signed_uniform(transposed, 0.5, (1, 2))
-    assert torch.equal(drawn.abs(), expected.abs().reshape(5, 6))  # the stream, in logical order
-    assert torch.equal(torch.signbit(drawn), torch.signbit(transposed))
+    out = drawn(torch.empty(6, 5).t(), transposed)  # nor is this output's
+    assert torch.equal(out.abs(), expected.abs().reshape(5, 6))  # the stream, in logical order
+    assert torch.equal(torch.signbit(out), torch.signbit(transposed))
     conv = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
-    assert torch.equal(
-        philox.signed_uniform(conv, 0.5, (1, 2)), philox.signed_uniform(conv.contiguous(), 0.5, (1, 2))
-    )
+    out = drawn(torch.empty_like(conv), conv)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # filled where it lies
+    assert torch.equal(out, drawn(torch.empty(4, 3, 2, 2), conv.contiguous()))
 
 
 def test_keys_come_from_torchs_generator():
@@ -93,16 +98,16 @@ def test_keys_come_from_torchs_generator():
 
 
 def test_a_million_draws_look_uniform_and_independent():
-    drawn = philox.signed_uniform(torch.ones(1_000_000), 1.0, (2024, 11)).double()
-    assert drawn.min() >= 0 and drawn.max() < 1
-    assert abs(drawn.mean().item() - 0.5) < 0.002  # 5 standard errors of the mean (0.00029)
-    assert abs(drawn.var().item() - 1 / 12) < 0.001
+    values = drawn(torch.empty(1_000_000), torch.ones(1_000_000), 1.0, (2024, 11)).double()
+    assert values.min() >= 0 and values.max() < 1
+    assert abs(values.mean().item() - 0.5) < 0.002  # 5 standard errors of the mean (0.00029)
+    assert abs(values.var().item() - 1 / 12) < 0.001
     # 256 equal bins: chi-square with 255 degrees of freedom, below its 0.9999 quantile (about 350)
-    counts = torch.histc(drawn, bins=256, min=0.0, max=1.0)
-    expected = drawn.numel() / 256
+    counts = torch.histc(values, bins=256, min=0.0, max=1.0)
+    expected = values.numel() / 256
     assert ((counts - expected) ** 2 / expected).sum().item() < 350
     # neighbours in memory (different words of one block, or consecutive blocks) are uncorrelated
     for lag in (1, 250_000):
-        a, b = drawn[:-lag] - 0.5, drawn[lag:] - 0.5
+        a, b = values[:-lag] - 0.5, values[lag:] - 0.5
         correlation = (a * b).mean() / (a.std() * b.std())
-        assert abs(correlation.item()) < 5 / math.sqrt(drawn.numel())
+        assert abs(correlation.item()) < 5 / math.sqrt(values.numel())

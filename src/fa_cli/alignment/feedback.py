@@ -9,7 +9,7 @@ fa        ``B``, weight's shape        ``B``                                    
 kp        ``B``, weight's shape        ``B``                                              W's update
 usf       ``sign(W) * m``, one ``m``   ``sign(W) * |feedback|``                           sign(W)
 frsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``                           sign(W)
-brsf      ``sign(W) * |R|``            ``feedback``, drawn whole for each training batch   every step
+brsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``, ``|R|`` drawn per batch  every step
 dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedback``     never
 ========  ===========================  =================================================  ==========
 
@@ -17,8 +17,8 @@ The sign-concordant rules keep the matrix itself, signs and all, and only its ma
 theirs: every backward that sends an error through ``feedback`` first gives it the signs of ``W``,
 in place (:func:`take_signs`, called by :mod:`fa_cli.alignment.functional`), so after a step the
 buffer is the matrix the last error went through, and ``effective`` is the one for ``W`` as it is now.
-brsf in training draws each batch's matrix whole instead, signs and magnitudes in one pass at the
-forward (:func:`drawn_feedback`); its backward uses it as it is.
+brsf in training draws the whole matrix there instead, fresh magnitudes and W's signs in one pass
+(:func:`redraw_feedback`).
 
 Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
@@ -132,24 +132,23 @@ def initial_direct_feedback(
     return values.to(device=like.device, dtype=like.dtype)
 
 
-def drawn_feedback(weight: Tensor, scale: float, init: str = "default") -> Tensor:
-    """brsf: this training batch's matrix, ``sign(W) * |R|`` with a fresh ``|R|``, as a new tensor like
-    ``weight``. Drawn from the global RNG, so ``torch.manual_seed`` makes training reproducible and
-    checkpoints of the RNG state resume it exactly. A new tensor, not the buffer overwritten: a graph
-    that still holds the last batch's matrix (two forwards, one backward) keeps it. The signs are
-    given here, in the same pass, so the backward need not give them again."""
-    bound = weight_bound(weight, scale, init)
-    if weight.device.type != "cpu":
+def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
+    """brsf: ``feedback`` becomes ``sign(W) * |R|`` with a fresh ``|R|`` from ``U(0, bound)``, in place,
+    in one pass. The backward of each training batch calls it right before its matmul reads
+    ``feedback`` (as it calls :func:`take_signs` for usf and frsf), so every batch's error goes through
+    a matrix of its own, and the buffer then holds it. Drawn from the global RNG, so
+    ``torch.manual_seed`` makes training reproducible and checkpoints of the RNG state resume it
+    exactly; written through ``.data``, as :func:`take_signs` writes."""
+    if feedback.device.type != "cpu":
         # CUDA's generator is already counter-based (Philox) and parallel.
-        magnitudes = torch.empty_like(weight, memory_format=torch.contiguous_format).uniform_(0.0, bound)
-        return magnitudes.copysign_(weight.detach())
+        feedback.data.uniform_(0.0, bound).copysign_(weight.data)
+        return
     # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
-    # the 4x1024 MLP; Philox on SIMD registers, fused with the signs, draws the same law about ten
-    # times faster (docs/PERFORMANCE.md, twelfth round). Imported here: only brsf pays numba's import.
+    # the 4x1024 MLP; Philox on SIMD registers, with the signs in the same pass, is about four times
+    # faster (docs/PERFORMANCE.md, twelfth round). Imported here: only brsf pays numba's import.
     from fa_cli.alignment import philox
 
-    drawn = philox.signed_uniform(weight, bound, philox.draw_key())
-    return drawn if weight.dtype == torch.float32 else drawn.to(weight.dtype)
+    philox.signed_uniform_(feedback.data, weight.data, bound, philox.draw_key())
 
 
 def take_signs(feedback: Tensor, weight: Tensor) -> None:

@@ -107,18 +107,15 @@ class AlignmentLayer:
         if self.method == "dfa" and self.feedback is None and rules_active():
             self._direct_ticket(input)
 
-    def _step_feedback(self) -> tuple[Tensor, bool]:
-        """The ``feedback`` this forward sends errors through, and whether the backward must first give
-        it W's signs: usf and frsf (and brsf outside training) take them there; brsf in training draws
-        this batch's whole matrix here, signs included."""
-        if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
-            drawn = fb.drawn_feedback(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
-            # Straight into the registered buffer: nn.Module.__setattr__ would run register_buffer's
-            # checks every step, a cost that shows on a small model (docs/PERFORMANCE.md, sixth round).
-            self._buffers["feedback"] = drawn  # type: ignore[attr-defined]
-            return drawn, False
+    def _feedback_args(self) -> tuple[Tensor, bool, float | None]:
+        """What the rule's Function needs to send errors through ``feedback``: the buffer; whether its
+        backward gives it W's signs first (usf, frsf, brsf); and for brsf in training, the bound of the
+        fresh magnitudes that backward draws into it instead."""
         assert self.feedback is not None
-        return self.feedback, self.method in fb.SIGN_CONCORDANT
+        redraw = None
+        if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
+            redraw = fb.weight_bound(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
+        return self.feedback, self.method in fb.SIGN_CONCORDANT, redraw
 
     def _direct_ticket(self, input: Tensor) -> Projection | None:
         """dfa: make sure this layer has its projection, and ask the running pass for a slice."""
@@ -190,7 +187,7 @@ class Linear(AlignmentLayer, nn.Linear):
             return F.linear(input, self.weight, self.bias)
         if self.method == "dfa":
             return LinearDirect.apply(input, self.weight, self.bias, self._direct_ticket(input))
-        return LinearFeedback.apply(input, self.weight, self.bias, *self._step_feedback())
+        return LinearFeedback.apply(input, self.weight, self.bias, *self._feedback_args())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._rule_repr()}"
@@ -223,8 +220,8 @@ class _ConvNd(AlignmentLayer):
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
         if self.method == "dfa":
             return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
-        feedback, signs = self._step_feedback()
-        return ConvFeedback.apply(input, self.weight, self.bias, feedback, *conf, signs)
+        feedback, signs, redraw = self._feedback_args()
+        return ConvFeedback.apply(input, self.weight, self.bias, feedback, *conf, signs, redraw)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """The input and the symmetric zero padding left for the convolution itself.
