@@ -51,7 +51,7 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
 
     A training step allocates and frees the same few-megabyte tensors every time (the gradients,
-    brsf's magnitudes drawn for each batch). By default glibc returns such blocks to
+    the activations). By default glibc returns such blocks to
     the kernel once its adaptive thresholds allow (``munmap``, or trimming the heap's top), and the
     next step then takes a page fault for every 4 KiB it touches again (on the 4x1024 MLP up to 339
     faults per step with glibc's defaults, 0-102 with these: docs/PERFORMANCE.md, third round).

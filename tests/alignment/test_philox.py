@@ -86,6 +86,11 @@ def test_tensors_of_any_dtype_and_layout_are_read_and_filled_in_logical_order():
     assert torch.equal(out, drawn(torch.empty(4, 3, 2, 2), conv.contiguous()))
 
 
+def test_signs_of_another_size_are_refused():
+    with pytest.raises(ValueError, match=r"signs of shape \(5,\) for an output of shape \(2, 3\)"):
+        philox.signed_uniform_(torch.empty(2, 3), torch.ones(5), 1.0, (0, 0))
+
+
 def test_keys_come_from_torchs_generator():
     torch.manual_seed(3)
     first = philox.draw_key()

@@ -206,6 +206,49 @@ def test_brsf_draws_each_batchs_matrix_in_its_backward_two_forwards_or_one():
     assert torch.equal(layer.feedback, matrices[1])  # the buffer holds the later draw
 
 
+def test_a_brsf_convolution_sends_its_error_through_the_draw_of_its_backward():
+    layer = Conv2d(3, 4, 3, padding=1, method="brsf", seed=0)
+    weight = layer.weight.detach().clone()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    out = layer(x)
+    delta = torch.randn_like(out)
+    torch.manual_seed(7)
+    (out * delta).sum().backward()
+    torch.manual_seed(7)
+    matrix = torch.empty_like(weight)
+    philox.signed_uniform_(matrix, weight, 1 / 27**0.5, philox.draw_key())  # fan-in 3 * 3 * 3
+    assert torch.equal(layer.feedback, matrix)
+    torch.testing.assert_close(x.grad, torch.nn.grad.conv2d_input(x.shape, matrix, delta, padding=1))
+
+
+def test_brsf_draws_again_for_each_backward_in_training_and_never_in_evaluation():
+    layer = Linear(20, 10, method="brsf", seed=0)
+    x = torch.randn(4, 20, requires_grad=True)
+    out = layer(x)
+    out.sum().backward(retain_graph=True)
+    first = layer.feedback.clone()
+    out.sum().backward()  # the same graph again: a new draw
+    assert not torch.equal(layer.feedback, first)
+    layer.eval()
+    kept, rng = layer.feedback.clone(), torch.get_rng_state()
+    x.grad = None
+    layer(x).sum().backward()
+    assert torch.equal(layer.feedback, kept) and torch.equal(torch.get_rng_state(), rng)
+    torch.testing.assert_close(x.grad, torch.ones(4, 10) @ kept)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_brsf_draws_on_cuda_with_the_signs_of_w():
+    layer = Linear(200, 100, method="brsf", seed=0).cuda()
+    x = torch.randn(8, 200, device="cuda", requires_grad=True)
+    layer(x).sum().backward()
+    drawn = layer.feedback.clone()
+    layer(x).sum().backward()
+    assert not torch.equal(layer.feedback, drawn)
+    assert torch.equal(torch.signbit(drawn), torch.signbit(layer.weight.detach()))
+    assert drawn.abs().max() < 1 / 200**0.5 and drawn.abs().mean() > 0.4 / 200**0.5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_brsf_magnitudes_follow_the_global_seed_and_are_uniform_up_to_the_bound(dtype):
     layer = Linear(400, 300, method="brsf", seed=0).to(dtype)

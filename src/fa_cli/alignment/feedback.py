@@ -134,17 +134,17 @@ def initial_direct_feedback(
 
 def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
     """brsf: ``feedback`` becomes ``sign(W) * |R|`` with a fresh ``|R|`` from ``U(0, bound)``, in place,
-    in one pass. The backward of each training batch calls it right before its matmul reads
-    ``feedback`` (as it calls :func:`take_signs` for usf and frsf), so every batch's error goes through
-    a matrix of its own, and the buffer then holds it. Drawn from the global RNG, so
-    ``torch.manual_seed`` makes training reproducible and checkpoints of the RNG state resume it
-    exactly; written through ``.data``, as :func:`take_signs` writes."""
+    in one pass. Every backward in training calls it right before its matmul reads ``feedback`` (as it
+    calls :func:`take_signs` for usf and frsf), so every batch's error goes through a matrix of its own
+    (a second backward of the same graph draws again), and the buffer then holds it. Drawn from the
+    global RNG, so ``torch.manual_seed`` makes training reproducible and checkpoints of the RNG state
+    resume it exactly; written through ``.data``, as :func:`take_signs` writes."""
     if feedback.device.type != "cpu":
         # CUDA's generator is already counter-based (Philox) and parallel.
         feedback.data.uniform_(0.0, bound).copysign_(weight.data)
         return
     # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
-    # the 4x1024 MLP; Philox on SIMD registers, with the signs in the same pass, is about four times
+    # the 4x1024 MLP; Philox on SIMD registers, with the signs in the same pass, is about five times
     # faster (docs/PERFORMANCE.md, twelfth round). Imported here: only brsf pays numba's import.
     from fa_cli.alignment import philox
 

@@ -5,7 +5,8 @@ the same); only the backward changes, by ``method``:
 
 - ``bp``: exact backprop. ``shallow``: exact, but the layer is frozen (``requires_grad=False``).
 - ``fa``, ``kp``, ``usf``, ``frsf``, ``brsf``: the error reaching the input goes through the layer's
-  ``effective_feedback()`` instead of its weight (see :mod:`fa_cli.alignment.feedback`).
+  ``effective_feedback()`` instead of its weight (see :mod:`fa_cli.alignment.feedback`); brsf's
+  backward in training first draws new magnitudes into it.
 - ``dfa``: the input receives the model's output error projected by ``feedback``; the model must be
   converted with ``convert(model, "dfa")`` so the error is captured (see :mod:`fa_cli.alignment.dfa`).
 
@@ -83,7 +84,8 @@ class AlignmentLayer:
 
     def effective_feedback(self) -> Tensor | None:
         """The matrix errors go through now: ``B`` (fa, kp), ``sign(W) * |feedback|`` (usf, frsf,
-        brsf), the projection ``(num_classes, *input)`` (dfa), or None (bp, shallow)."""
+        brsf), the projection ``(num_classes, *input)`` (dfa), or None (bp, shallow). For brsf it is
+        the one the last error went through: each backward in training draws its own."""
         if self.feedback is None:
             return None
         return fb.effective(self.method, self.weight, self.feedback)

@@ -29,8 +29,9 @@ def angle(a: Tensor, b: Tensor) -> float:
 
 
 def weight_feedback_angles(model: nn.Module) -> dict[str, float]:
-    """Per layer, the angle between ``W`` and the matrix errors go through now (fa, kp, usf, frsf,
-    brsf). Layers of other rules have no weight-shaped ``B`` and are left out."""
+    """Per layer, the angle between ``W`` and the matrix errors go through now (fa, kp, usf, frsf;
+    brsf: the matrix of its last backward). Layers of other rules have no weight-shaped ``B`` and are
+    left out."""
     return {
         name: angle(layer.weight, layer.effective_feedback())
         for name, layer in model.named_modules()
@@ -62,7 +63,8 @@ def update_gradient_angles(
     devices = sorted({w.device.index for w in weights if w.device.type == "cuda"})
 
     def gradients() -> tuple[Tensor, ...]:
-        with torch.random.fork_rng(devices=devices):  # both passes see the same dropout and brsf draws
+        # Both passes see the same dropout, and the RNG is left as it was (brsf's backward draws).
+        with torch.random.fork_rng(devices=devices):
             return torch.autograd.grad(loss_fn(model(inputs), targets), weights)
 
     try:

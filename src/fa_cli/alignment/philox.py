@@ -1,13 +1,13 @@
 """brsf's matrices on the CPU: uniform magnitudes from Philox4x32-10, with the weight's signs.
 
 Why not ``torch.Tensor.uniform_``: on the CPU it draws from mt19937, one number after another (2.4 ms
-per million float32 on the Intel machine, 4-8 ms on the AMD one), and brsf draws one per weight per
+per million float32 on the Intel machine, 3.8-7.8 ms on the AMD one), and brsf draws one per weight per
 step: 3.1M on the 4x1024 MLP, more than half a backprop step. Philox is counter-based: block ``i`` of
 a stream is a pure function of ``(i, key)``, so a compiled loop works on several blocks at once in SIMD
-registers (about 1.2 ms per million signed entries on the AMD machine, against 4.5 ms for ``uniform_``
-and ``copysign_``; docs/PERFORMANCE.md, twelfth round). It is the
-generator PyTorch uses on CUDA, and it passes TestU01's BigCrush (Salmon et al. 2011, "Parallel random
-numbers: as easy as 1, 2, 3"); :func:`philox4x32` reproduces Random123's known-answer vectors.
+registers (1.15 ms per million signed entries on the AMD machine, against 6.2 ms for ``uniform_``
+and ``copysign_``; docs/PERFORMANCE.md, twelfth round). It is the generator PyTorch uses on CUDA, and
+it passes TestU01's BigCrush (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3");
+:func:`philox4x32` reproduces Random123's known-answer vectors.
 
 The stream of ``n`` numbers under ``key``: block ``i`` is Philox4x32-10 of the counter
 ``(i mod 2**32, i div 2**32, 0, 0)``, and with ``m = n // 4`` full blocks, number ``q * m + i`` is word
@@ -75,7 +75,7 @@ def _fill_signed(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: fl
 def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
     """A fresh key, one 63-bit draw from ``generator`` (torch's global CPU one if None), as its low
     and high 32-bit words."""
-    key = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    key = int(torch.randint(0, 2**63 - 1, (), generator=generator, device="cpu"))
     return key & 0xFFFFFFFF, key >> 32
 
 
@@ -85,11 +85,13 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: tuple[int, in
     # A call is one layer's draw in one step, so its fixed costs count on small models: float32
     # contiguous tensors are read and written where they lie; other dtypes and layouts go through
     # float32 copies.
+    if signs.numel() != out.numel():  # the kernel reads signs[j] for every j it writes out[j]
+        raise ValueError(f"signs of shape {tuple(signs.shape)} for an output of shape {tuple(out.shape)}")
     signs = signs.detach()
     if signs.dtype != torch.float32 or signs.device.type != "cpu" or not signs.is_contiguous():
         signs = signs.to(device="cpu", dtype=torch.float32).contiguous()
     direct = out.dtype == torch.float32 and out.is_contiguous()
-    target = out.detach() if direct else torch.empty(out.shape)
+    target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
     _fill_signed(target.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)
     if not direct:
         out.copy_(target)
