@@ -182,6 +182,13 @@ def test_two_forwards_then_one_backward_send_each_error_through_its_own_matrix(m
     assert torch.equal(matrix1, matrix2)
 
 
+def replayed_draw(weight: torch.Tensor, bound: float) -> torch.Tensor:
+    """The next brsf matrix the global RNG gives for this weight, drawn here as the backward draws it."""
+    matrix = torch.empty_like(weight)
+    philox.signed_uniform_(matrix, weight, bound, philox.draw_key())
+    return matrix
+
+
 def test_brsf_draws_each_batchs_matrix_in_its_backward_two_forwards_or_one():
     # brsf's backward draws the batch's matrix into the buffer right before using it: with two
     # graphs alive, each error still goes through a draw of its own, the two draws that follow in
@@ -194,11 +201,7 @@ def test_brsf_draws_each_batchs_matrix_in_its_backward_two_forwards_or_one():
     torch.manual_seed(7)
     ((out1 * delta1).sum() + (out2 * delta2).sum()).backward()
     torch.manual_seed(7)
-    matrices = []
-    for _ in range(2):
-        matrix = torch.empty_like(weight)
-        philox.signed_uniform_(matrix, weight, 1 / 20**0.5, philox.draw_key())
-        matrices.append(matrix)
+    matrices = [replayed_draw(weight, 1 / 20**0.5) for _ in range(2)]
     assert not torch.equal(*matrices)
     matrix1, matrix2 = matrices if torch.allclose(x1.grad, delta1 @ matrices[0]) else matrices[::-1]
     torch.testing.assert_close(x1.grad, delta1 @ matrix1)
@@ -215,8 +218,7 @@ def test_a_brsf_convolution_sends_its_error_through_the_draw_of_its_backward():
     torch.manual_seed(7)
     (out * delta).sum().backward()
     torch.manual_seed(7)
-    matrix = torch.empty_like(weight)
-    philox.signed_uniform_(matrix, weight, 1 / 27**0.5, philox.draw_key())  # fan-in 3 * 3 * 3
+    matrix = replayed_draw(weight, 1 / 27**0.5)  # fan-in 3 * 3 * 3
     assert torch.equal(layer.feedback, matrix)
     torch.testing.assert_close(x.grad, torch.nn.grad.conv2d_input(x.shape, matrix, delta, padding=1))
 

@@ -1,6 +1,6 @@
 """Learning rules as a PyTorch library: backprop, feedback alignment and its relatives.
 
-Pure PyTorch, no configuration system, files or datasets::
+PyTorch (and numba, for brsf's draws on the CPU), no configuration system, files or datasets::
 
     from fa_cli.alignment import convert, Linear, Conv2d, train_feedback
 

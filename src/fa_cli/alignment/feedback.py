@@ -9,7 +9,7 @@ fa        ``B``, weight's shape        ``B``                                    
 kp        ``B``, weight's shape        ``B``                                              W's update
 usf       ``sign(W) * m``, one ``m``   ``sign(W) * |feedback|``                           sign(W)
 frsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``                           sign(W)
-brsf      ``sign(W) * |R|``            ``sign(W) * |feedback|``, ``|R|`` drawn per batch  every step
+brsf      ``sign(W) * |R|``            ``feedback``, drawn by each backward in training   every step
 dfa       ``(num_classes, *in)``       output error ``e`` projected: ``e @ feedback``     never
 ========  ===========================  =================================================  ==========
 
