@@ -11,6 +11,13 @@ import torch
 from runs import MNIST_RAW, run_cli
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # -n auto: one worker per core, at most 8; each worker holds its own torch (a few hundred MB), and
+    # on a large machine more workers than that would wait on the few long end-to-end tests anyway.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # pytest-xdist (pyproject's addopts) runs one worker per core: a worker's torch on every core
     # besides would put several threads on each core, and torch's threads slow down many times when
