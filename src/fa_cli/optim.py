@@ -14,8 +14,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     """The optimizer over the parameters that learn (``shallow`` freezes all but the output layer).
 
     A rule that trains its own feedback (Kolen-Pollack) gets it as a second parameter group of the
-    same optimizer, with ``W``'s gradient, so ``B`` follows exactly ``W``'s update: learning rate and
-    schedule, momentum and weight decay (the decay is what makes ``B`` converge to ``W``).
+    same optimizer, with ``W``'s settings and gradient (:func:`fa_cli.alignment.train_feedback`), so
+    ``B`` follows exactly ``W``'s update: learning rate and schedule, momentum and weight decay (the
+    decay is what makes ``B`` converge to ``W``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(cfg, SGDConfig):

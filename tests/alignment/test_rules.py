@@ -364,6 +364,52 @@ def test_kp_feedback_takes_exactly_ws_update(make, clip):
     assert all(m.feedback.grad is None for m in model.modules() if isinstance(m, (Linear, Conv2d)))
 
 
+def test_kp_feedback_follows_its_own_weights_group_settings():
+    # Weights in groups of their own settings (one changed by hand between steps, as a schedule
+    # would), and one layer's W not in the optimizer at all: each B must take exactly the update of
+    # a reference B placed in its W's group, and the untrained W's B must stay as it is.
+    model, reference = _kp_pair()
+    conv, first, last = (m for m in model.modules() if isinstance(m, (Linear, Conv2d)))
+    ref_conv, ref_first, ref_last = (m for m in reference.modules() if isinstance(m, (Linear, Conv2d)))
+
+    def optimizer(conv, first, last, feedback=False):
+        return torch.optim.SGD(
+            [
+                {"params": [conv.weight, conv.bias] + ([conv.feedback] if feedback else [])},
+                {
+                    "params": [first.weight, first.bias] + ([first.feedback] if feedback else []),
+                    "lr": 0.3,
+                    "weight_decay": 0.1,
+                    "nesterov": True,
+                },
+                {"params": [last.bias]},  # last.weight is not trained
+            ],
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=1e-2,
+        )
+
+    opt, ref_opt = optimizer(conv, first, last), optimizer(ref_conv, ref_first, ref_last, feedback=True)
+    assert train_feedback(model, opt) == [conv.feedback, first.feedback]
+    untrained = last.feedback.clone()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for step in range(4):
+        if step == 2:
+            for o in (opt, ref_opt):
+                o.param_groups[1]["lr"] = 0.05
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if m is reference:
+                for layer in (ref_conv, ref_first):
+                    layer.feedback.grad = layer.weight.grad.clone()
+            o.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.feedback, _kp_pair()[0][3].feedback)  # B did learn
+    assert torch.equal(last.feedback, untrained) and torch.equal(last.weight, ref_last.weight)
+
+
 def test_kp_feedback_gradient_is_unscaled_once_under_a_grad_scaler():
     # GradScaler.unscale_ walks the optimizer's gradients: B.grad is None then, so W's gradient (which
     # B takes at the step) is unscaled once. With a power-of-two scale the result is exactly the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,39 +75,55 @@ def convert(
 def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """Have ``optimizer`` train the feedback of ``model``'s Kolen-Pollack layers by ``W``'s update rule.
 
-    Each kp ``B`` joins ``optimizer`` in a parameter group of its own, with the optimizer's defaults
-    (learning rate and schedule, momentum, weight decay: the decay is what makes ``B`` converge to
-    ``W``), and at every step its gradient is its ``W``'s: the very tensor, as the step finds it, so
-    ``B`` gets ``W``'s update after whatever clipping, unscaling or averaging over processes
-    ``W``'s gradient went through. Between steps ``B.grad`` is None, so nothing that walks the
-    optimizer's gradients (``GradScaler.unscale_``, clipping) meets ``W``'s twice. Returns the
-    feedback tensors added: empty for every other rule, and then ``optimizer`` is left as it was.
+    The ``B``s of the weights in each of ``optimizer``'s parameter groups join it in a group of their
+    own that takes that group's settings before every step (learning rate and schedule, momentum,
+    weight decay: the decay is what makes ``B`` converge to ``W``), so each ``B`` follows its own
+    ``W``'s settings even where groups differ. At every step ``B``'s gradient is its ``W``'s: the very
+    tensor, as the step finds it, so ``B`` gets ``W``'s update after whatever clipping, unscaling or
+    averaging over processes ``W``'s gradient went through. Between steps ``B.grad`` is None, so
+    nothing that walks the optimizer's gradients (``GradScaler.unscale_``, clipping) meets ``W``'s
+    twice. A ``B`` whose ``W`` the optimizer does not train stays as it is, as its ``W`` does. Returns
+    the feedback tensors added: empty for every other rule, and then ``optimizer`` is left as it was.
     """
     pairs = [
         (m.weight, m.feedback)
         for m in model.modules()
         if isinstance(m, AlignmentLayer) and m.method == "kp" and m.feedback is not None
     ]
-    feedback = [b for _, b in pairs]
-    if pairs:
-        optimizer.add_param_group({"params": feedback})
-        gradients = _SharedGradients(pairs)
+    companions, trained = [], []
+    for group in list(optimizer.param_groups):
+        weights = {id(p) for p in group["params"]}
+        feedback = [b for w, b in pairs if id(w) in weights]
+        if feedback:
+            optimizer.add_param_group({**_settings(group), "params": feedback})
+            companions.append((group, optimizer.param_groups[-1]))
+            trained += [(w, b) for w, b in pairs if id(w) in weights]
+    if trained:
+        gradients = _SharedGradients(trained, companions)
         optimizer.register_step_pre_hook(gradients.lend)
         optimizer.register_step_post_hook(gradients.take_back)
-    return feedback
+    return [b for _, b in trained]
+
+
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in group.items() if key != "params"}
 
 
 class _SharedGradients:
-    """The optimizer step hooks of :func:`train_feedback`: ``B.grad`` is ``W.grad`` for the step."""
+    """The optimizer step hooks of :func:`train_feedback`: ``B.grad`` is ``W.grad`` for the step, and
+    each group of ``B``s has its ``W``s' group's settings."""
 
-    def __init__(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        self.pairs = pairs
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], companions: list[tuple[dict, dict]]) -> None:
+        self.pairs, self.companions = pairs, companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         # The same tensor, not a copy: copying every W's gradient cost a pass over memory each step
         # (docs/PERFORMANCE.md, seventh round).
         for weight, feedback in self.pairs:
             feedback.grad = weight.grad
+        # Settings changed since the last step (a schedule, or by hand) reach B too.
+        for weights, feedback in self.companions:
+            feedback.update(_settings(weights))
 
     def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         for _, feedback in self.pairs:
