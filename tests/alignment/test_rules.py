@@ -364,10 +364,12 @@ def test_kp_feedback_takes_exactly_ws_update(make, clip):
     assert all(m.feedback.grad is None for m in model.modules() if isinstance(m, (Linear, Conv2d)))
 
 
-def test_kp_feedback_follows_its_own_weights_group_settings():
+@pytest.mark.parametrize("resume", [False, True], ids=["", "after-load_state_dict"])
+def test_kp_feedback_follows_its_own_weights_group_settings(resume):
     # Weights in groups of their own settings (one changed by hand between steps, as a schedule
-    # would), and one layer's W not in the optimizer at all: each B must take exactly the update of
-    # a reference B placed in its W's group, and the untrained W's B must stay as it is.
+    # would; after the optimizer is rebuilt from its state_dict, as on resuming), and one layer's W
+    # not in the optimizer at all: each B must take exactly the update of a reference B placed in its
+    # W's group, and the untrained W's B must stay as it is.
     model, reference = _kp_pair()
     conv, first, last = (m for m in model.modules() if isinstance(m, (Linear, Conv2d)))
     ref_conv, ref_first, ref_last = (m for m in reference.modules() if isinstance(m, (Linear, Conv2d)))
@@ -391,10 +393,15 @@ def test_kp_feedback_follows_its_own_weights_group_settings():
 
     opt, ref_opt = optimizer(conv, first, last), optimizer(ref_conv, ref_first, ref_last, feedback=True)
     assert train_feedback(model, opt) == [conv.feedback, first.feedback]
-    untrained = last.feedback.clone()
+    untrained, first_before = last.feedback.clone(), first.feedback.clone()
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     for step in range(4):
         if step == 2:
+            if resume:
+                state = opt.state_dict()
+                opt = optimizer(conv, first, last)
+                train_feedback(model, opt)
+                opt.load_state_dict(state)
             for o in (opt, ref_opt):
                 o.param_groups[1]["lr"] = 0.05
         for m, o in ((model, opt), (reference, ref_opt)):
@@ -406,8 +413,19 @@ def test_kp_feedback_follows_its_own_weights_group_settings():
             o.step()
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert not torch.equal(first.feedback, _kp_pair()[0][3].feedback)  # B did learn
-    assert torch.equal(last.feedback, untrained) and torch.equal(last.weight, ref_last.weight)
+    assert not torch.equal(first.feedback, first_before)  # B did learn
+    assert torch.equal(last.feedback, untrained)
+
+
+def test_kp_feedback_of_named_parameters_is_named_after_its_weight():
+    model = _kp_pair()[0]
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    added = train_feedback(model, opt)
+    assert opt.param_groups[1]["params"] == added
+    assert opt.param_groups[1]["param_names"] == ["0.feedback", "3.feedback", "5.feedback"]
+    assert opt.state_dict()["param_groups"][1]["param_names"] == ["0.feedback", "3.feedback", "5.feedback"]
+    with pytest.raises(ValueError, match="already holds kp feedback"):
+        train_feedback(model, opt)
 
 
 def test_kp_feedback_gradient_is_unscaled_once_under_a_grad_scaler():

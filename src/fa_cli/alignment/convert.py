@@ -78,42 +78,59 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
     The ``B``s of the weights in each of ``optimizer``'s parameter groups join it in a group of their
     own that takes that group's settings before every step (learning rate and schedule, momentum,
     weight decay: the decay is what makes ``B`` converge to ``W``), so each ``B`` follows its own
-    ``W``'s settings even where groups differ. At every step ``B``'s gradient is its ``W``'s: the very
-    tensor, as the step finds it, so ``B`` gets ``W``'s update after whatever clipping, unscaling or
-    averaging over processes ``W``'s gradient went through. Between steps ``B.grad`` is None, so
-    nothing that walks the optimizer's gradients (``GradScaler.unscale_``, clipping) meets ``W``'s
-    twice. A ``B`` whose ``W`` the optimizer does not train stays as it is, as its ``W`` does. Returns
-    the feedback tensors added: empty for every other rule, and then ``optimizer`` is left as it was.
+    ``W``'s settings even where groups differ, and after ``optimizer.load_state_dict``. At every step
+    ``B``'s gradient is its ``W``'s: the very tensor, as the step finds it, so ``B`` gets ``W``'s
+    update after whatever clipping, unscaling or averaging over processes ``W``'s gradient went
+    through. Between steps ``B.grad`` is None, so nothing that walks the optimizer's gradients
+    (``GradScaler.unscale_``, clipping) meets ``W``'s twice. A ``B`` whose ``W`` the optimizer does
+    not train stays as it is, as its ``W`` does. Returns the feedback tensors added, in the order of
+    ``model.modules()``: empty for every other rule, or when the optimizer trains no kp ``W``, and then
+    ``optimizer`` is left as it was.
     """
     pairs = [
         (m.weight, m.feedback)
         for m in model.modules()
         if isinstance(m, AlignmentLayer) and m.method == "kp" and m.feedback is not None
     ]
-    companions, trained = [], []
-    for group in list(optimizer.param_groups):
-        weights = {id(p) for p in group["params"]}
-        feedback = [b for w, b in pairs if id(w) in weights]
-        if feedback:
-            optimizer.add_param_group({**_settings(group), "params": feedback})
-            companions.append((group, optimizer.param_groups[-1]))
-            trained += [(w, b) for w, b in pairs if id(w) in weights]
-    if trained:
-        gradients = _SharedGradients(trained, companions)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(b) in held for _, b in pairs):
+        raise ValueError("train_feedback: the optimizer already holds kp feedback (called twice?)")
+    companions, trained = [], set()
+    for index, group in enumerate(list(optimizer.param_groups)):
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        feedback = [(position[id(w)], b) for w, b in pairs if id(w) in position]
+        if not feedback:
+            continue
+        params: list = [b for _, b in feedback]
+        if "param_names" in group:  # an optimizer built from named_parameters(): name B after its W
+            names = group["param_names"]
+            params = [(_feedback_name(names[i]), b) for i, b in feedback]
+        optimizer.add_param_group({**_settings(group), "params": params})
+        # Indices, not the group dicts: load_state_dict puts new dicts in the same places.
+        companions.append((index, len(optimizer.param_groups) - 1))
+        trained |= {id(b) for _, b in feedback}
+    pairs = [(w, b) for w, b in pairs if id(b) in trained]
+    if pairs:
+        gradients = _SharedGradients(pairs, companions)
         optimizer.register_step_pre_hook(gradients.lend)
         optimizer.register_step_post_hook(gradients.take_back)
-    return [b for _, b in trained]
+    return [b for _, b in pairs]
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in group.items() if key != "params"}
+    return {key: value for key, value in group.items() if key not in ("params", "param_names")}
+
+
+def _feedback_name(weight_name: str) -> str:
+    prefix, _, last = weight_name.rpartition(".")
+    return f"{prefix}.feedback" if last == "weight" and prefix else f"{weight_name}.feedback"
 
 
 class _SharedGradients:
     """The optimizer step hooks of :func:`train_feedback`: ``B.grad`` is ``W.grad`` for the step, and
     each group of ``B``s has its ``W``s' group's settings."""
 
-    def __init__(self, pairs: list[tuple[Tensor, Tensor]], companions: list[tuple[dict, dict]]) -> None:
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], companions: list[tuple[int, int]]) -> None:
         self.pairs, self.companions = pairs, companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -122,8 +139,9 @@ class _SharedGradients:
         for weight, feedback in self.pairs:
             feedback.grad = weight.grad
         # Settings changed since the last step (a schedule, or by hand) reach B too.
+        groups = optimizer.param_groups
         for weights, feedback in self.companions:
-            feedback.update(_settings(weights))
+            groups[feedback].update(_settings(groups[weights]))
 
     def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         for _, feedback in self.pairs:
