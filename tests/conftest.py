@@ -12,10 +12,14 @@ from runs import MNIST_RAW, run_cli
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    # -n auto: one worker per core, at most 8; each worker holds its own torch (a few hundred MB), and
-    # on a large machine more workers than that would wait on the few long end-to-end tests anyway.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores)
+    # -n auto: one worker per core this process may use (joblib counts CPU sets and cgroup quotas,
+    # as in a container), at most 8: each worker holds its own torch (a few hundred MB), and more
+    # would wait on the few long end-to-end tests anyway. PYTEST_XDIST_AUTO_NUM_WORKERS still decides.
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    import joblib
+
+    return min(8, joblib.cpu_count())
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -95,25 +95,31 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_processes_end_with_the_weights_of_one(ddp_runs: Path, method: str) -> None:
+# One test for every method, not one per method: the ranks train them all in one fixture, which two
+# test workers would each train again.
+def test_two_processes_end_with_the_weights_of_one(ddp_runs: Path) -> None:
+    for method in METHODS:
+        _check_ddp_run(ddp_runs, method)
+
+
+def _check_ddp_run(ddp_runs: Path, method: str) -> None:
     ddp, single = ddp_runs / f"{method}_rank0", ddp_runs / f"{method}_single"
     ddp_weights, single_weights = _final(ddp), _final(single)
-    assert ddp_weights.keys() == single_weights.keys()
+    assert ddp_weights.keys() == single_weights.keys(), method
     # the feedback buffers too: fixed ones stay equal, and kp's B follows W's averaged update
-    assert any(key.endswith("feedback") for key in ddp_weights) == (method != "bp")
+    assert any(key.endswith("feedback") for key in ddp_weights) == (method != "bp"), method
     for key, value in single_weights.items():
         torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5, msg=f"{method}: {key}")
     # the epoch's numbers are summed over both ranks, so they are those of the whole split
     for a, b in zip(_metrics(ddp), _metrics(single), strict=True):
         for field in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-            assert float(a[field]) == pytest.approx(float(b[field]), rel=1e-4, abs=1e-5), field
+            assert float(a[field]) == pytest.approx(float(b[field]), rel=1e-4, abs=1e-5), (method, field)
     ddp_results, single_results = (json.loads((d / "results.json").read_text()) for d in (ddp, single))
-    assert (ddp_results["processes"], single_results["processes"]) == (2, 1)
-    assert ddp_results["status"] == "completed"
+    assert (ddp_results["processes"], single_results["processes"]) == (2, 1), method
+    assert ddp_results["status"] == "completed", method
     assert ddp_results["test_accuracy"] == pytest.approx(single_results["test_accuracy"], abs=1e-9)
     assert ddp_results["test_loss"] == pytest.approx(single_results["test_loss"], rel=1e-4)
-    assert not any((ddp_runs / f"{method}_rank1").iterdir()), "only rank 0 writes"
+    assert not any((ddp_runs / f"{method}_rank1").iterdir()), f"{method}: only rank 0 writes"
 
 
 def test_a_batch_splits_into_contiguous_shards_that_cover_it() -> None:
