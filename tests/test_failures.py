@@ -5,6 +5,7 @@ and that files written before are intact."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import signal
 import struct
@@ -18,6 +19,7 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from fa_cli import data, engine
+from fa_cli import files as fa_files
 from fa_cli import train as runner
 from fa_cli.config import ConfigError, FilesDatasetConfig, SGDConfig, SyntheticDatasetConfig, validate
 from fa_cli.files import save_checkpoint
@@ -123,6 +125,30 @@ def test_resuming_in_place_keeps_the_earlier_epochs(make, interrupt_at, tmp_path
         runner.train(make(), tmp_path / "run")
     runner.train(make(f"trainer.resume={tmp_path / 'run' / 'checkpoint.pt'}"), tmp_path / "run")
     assert outcome(tmp_path / "run") == outcome(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_run_whose_checkpoint_cannot_be_written_fails_naming_why(make, tmp_path, monkeypatch, epochs):
+    # Epoch files are written by a thread while the next epoch trains: a failure stops the run at the
+    # next epoch's end, or, after the last epoch, at the end of the run; never silently.
+    write_bytes = fa_files.write_bytes
+
+    def disk_full_for_checkpoints(path, data):
+        if path.name == "checkpoint.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_bytes(path, data)
+
+    monkeypatch.setattr(fa_files, "write_bytes", disk_full_for_checkpoints)
+    cfg = make(f"trainer.epochs={epochs}")
+    if epochs > 1:
+        with pytest.raises(OSError, match="No space left"):
+            runner.train(cfg, tmp_path / "run")
+    else:
+        runner.train(cfg, tmp_path / "run")
+    done = results(tmp_path / "run")
+    assert done["status"] == "failed" and "No space left on device" in done["error"]
+    assert len(metrics(tmp_path / "run")) == 1, "written before the checkpoint, in the first epoch's batch"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_resume_refuses_another_config_naming_the_differences(make, tmp_path):

@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
+import torch
 
-from fa_cli.files import write_json, write_text
+from fa_cli.files import BackgroundWrites, checkpoint_bytes, write_json, write_text
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path):
@@ -53,3 +54,30 @@ def test_a_writer_killed_at_any_moment_leaves_a_whole_file(tmp_path):
         writer.kill()  # SIGKILL: no cleanup runs
         writer.wait()
     assert path.read_text() in ("a" * 2**20, "b" * 2**20)
+
+
+def test_background_writes_land_in_order_and_raise_their_error_once(tmp_path):
+    writes = BackgroundWrites()
+    writes.start({tmp_path / "a": b"1", tmp_path / "b": b"1"})
+    writes.start({tmp_path / "a": b"2"})  # after the first batch, never interleaved with it
+    writes.wait()
+    assert (tmp_path / "a").read_bytes() == b"2" and (tmp_path / "b").read_bytes() == b"1"
+
+    writes.start({tmp_path / "c": b"3", tmp_path / "missing" / "d": b"3", tmp_path / "e": b"3"})
+    with pytest.raises(FileNotFoundError):  # the next batch is not written after a failed one
+        writes.start({tmp_path / "a": b"4"})
+    assert (tmp_path / "c").read_bytes() == b"3" and not (tmp_path / "e").exists()
+    assert (tmp_path / "a").read_bytes() == b"2"
+    writes.wait()  # raised once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"], "no temporary file left"
+
+
+def test_a_checkpoints_bytes_hold_the_state_as_it_was_handed_over(tmp_path):
+    weight = torch.zeros(3)
+    state = checkpoint_bytes({"epoch": 1, "model": {"weight": weight}})
+    weight.add_(1)  # training goes on while the thread writes
+    writes = BackgroundWrites()
+    writes.start({tmp_path / "checkpoint.pt": state})
+    writes.wait()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and torch.equal(saved["model"]["weight"], torch.zeros(3))

@@ -1,5 +1,6 @@
 """Run files written atomically: a temporary file in the same folder, flushed to disk, then renamed over
-the target. A process killed at any moment leaves the old file or the new one, never half of one."""
+the target. A process killed at any moment leaves the old file or the new one, never half of one.
+:class:`BackgroundWrites` does the same on a thread of its own, so that a run does not wait for the disk."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +36,7 @@ def write_text(path: Path, text: str) -> None:
     _replace(path, lambda f: f.write(text.encode()))
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
     _replace(path, lambda f: f.write(data))
 
 
@@ -66,10 +68,50 @@ def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: list[st
     write_text(path, csv_text(rows, fieldnames))
 
 
+def checkpoint_bytes(state: Mapping[str, Any]) -> memoryview:
+    """``torch.save`` of tensors, numbers, strings and containers only, so that the file loads with
+    ``torch.load(path, weights_only=True)``; in memory, copied off the device as it is now."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return buffer.getbuffer()  # the buffer itself, not a copy of it: a large model's state is 100s of MB
+
+
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """``torch.save`` of tensors, numbers, strings and containers only, so that it loads with
-    ``torch.load(path, weights_only=True)``."""
-    _replace(path, lambda f: torch.save(dict(state), f))
+    write_bytes(path, checkpoint_bytes(state))
+
+
+class BackgroundWrites:
+    """Files written atomically by a thread while the caller goes on, one batch of files at a time, in
+    the order given, so that a run's next epoch does not wait for the disk (``fsync``). The caller
+    hands over finished bytes: what is written is the state when it was handed over, whatever training
+    does to the tensors after."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, files: Mapping[Path, bytes | memoryview]) -> None:
+        """Write ``files`` in their order once the batch before is written (see :meth:`wait`)."""
+        self.wait()
+        batch = dict(files)
+        self._thread = threading.Thread(target=self._write, args=(batch,), name="fa-cli-files")
+        self._thread.start()
+
+    def _write(self, files: dict[Path, bytes | memoryview]) -> None:
+        try:
+            for path, data in files.items():
+                write_bytes(path, data)
+        except BaseException as error:  # raised in the caller's thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Until every file handed over is on disk; raises the error that stopped a write, once."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 #: The first bytes of every file torch.save writes (a zip archive's local file header).

@@ -62,7 +62,15 @@ from fa_cli.config import (
 from fa_cli.diagnostics import FIELDS as ALIGNMENT_FIELDS
 from fa_cli.diagnostics import Diagnostics
 from fa_cli.eval import attack_accuracies
-from fa_cli.files import CheckpointError, load_checkpoint, save_checkpoint, write_csv, write_json
+from fa_cli.files import (
+    BackgroundWrites,
+    CheckpointError,
+    checkpoint_bytes,
+    csv_text,
+    load_checkpoint,
+    write_csv,
+    write_json,
+)
 from fa_cli.logger import Trackers, Tracking
 from fa_cli.optim import build_optimizer, build_scheduler
 from fa_cli.plots import plot_run
@@ -358,6 +366,7 @@ class Run:
         # Files are written from the start of training (start_files), once the data has loaded: a run
         # that fails before, e.g. on a missing dataset, leaves a folder's earlier results as they were.
         self.files_started = False
+        self.epoch_files = BackgroundWrites()  # each epoch's files, written while the next one trains
 
     def start_files(self) -> None:
         """results.json (running) and the CSVs with their headers, and a resumed run's earlier rows."""
@@ -460,18 +469,21 @@ class Run:
         batch_order: torch.Generator,
     ) -> None:
         """Append the epoch to metrics.csv, offer it for selection, and checkpoint everything a resumed
-        run needs: all or nothing, so that the files always agree on how many epochs are done."""
+        run needs: all or nothing, so that the files always agree on how many epochs are done. The
+        files are made here and written by a thread while the next epoch trains (finish waits for
+        them); this waits for the last epoch's first, and raises what stopped them."""
         with interrupts_deferred():
             self.history.append(record)
             if self.diagnostics is not None:
                 self.results["alignment"] = self.diagnostics.final()
             self.selected.offer(record, self.model)
             if self.world.main:  # under torchrun, rank 0 alone writes; the other ranks hold the same state
-                write_csv(self.run_dir / "metrics.csv", map(dataclasses.asdict, self.history), METRICS)
+                metrics = csv_text(map(dataclasses.asdict, self.history), METRICS)
+                files: dict[Path, bytes | memoryview] = {self.run_dir / "metrics.csv": metrics.encode()}
                 if self.diagnostics is not None:
-                    write_csv(self.run_dir / "alignment.csv", self.diagnostics.rows, ALIGNMENT_FIELDS)
-                save_checkpoint(
-                    self.run_dir / "checkpoint.pt",
+                    alignment = csv_text(self.diagnostics.rows, ALIGNMENT_FIELDS)
+                    files[self.run_dir / "alignment.csv"] = alignment.encode()
+                files[self.run_dir / "checkpoint.pt"] = checkpoint_bytes(
                     {
                         "epoch": record.epoch,
                         "model": self.model.state_dict(),
@@ -486,8 +498,9 @@ class Run:
                         "config": dataclasses.asdict(self.cfg),
                     },
                 )
-        # After the files, outside the deferred block: trackers are views of the files, and a slow
-        # tracking server must not hold up an interrupt.
+                self.epoch_files.start(files)
+        # Outside the deferred block: trackers are views of the same numbers, and a slow tracking
+        # server must not hold up an interrupt.
         if self.diagnostics is not None:
             self.trackers.log_alignment(r for r in self.diagnostics.rows if r["epoch"] == record.epoch)
         self.trackers.log_epoch(record)
@@ -523,7 +536,14 @@ class Run:
         return True
 
     def finish(self, status: str, **details: Any) -> dict[str, Any]:
-        """Record the final status and progress (and ``details``, e.g. the error) in results.json."""
+        """Record the final status and progress (and ``details``, e.g. the error) in results.json, once
+        the last epoch's files are on disk. A run whose last files could not be written has failed."""
+        try:
+            self.epoch_files.wait()
+        except Exception as error:
+            log.error(f"the last epoch's files were not written: {describe(error)}")
+            if status != "failed":
+                status, details = "failed", {**details, "error": describe(error)}
         self.results.update(
             details,
             status=status,
