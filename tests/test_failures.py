@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -147,8 +148,31 @@ def test_a_run_whose_checkpoint_cannot_be_written_fails_naming_why(make, tmp_pat
         runner.train(cfg, tmp_path / "run")
     done = results(tmp_path / "run")
     assert done["status"] == "failed" and "No space left on device" in done["error"]
+    assert done["epochs_completed"] == 1, "an epoch after the failed write is not counted"
     assert len(metrics(tmp_path / "run")) == 1, "written before the checkpoint, in the first epoch's batch"
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_interrupt_while_the_last_files_are_written_still_records_the_run(make, tmp_path, monkeypatch):
+    # Ctrl-C while finish waits for a slow checkpoint write (as a second Ctrl-C, after the first stopped
+    # the run, would): results.json must still say how the run ended, and the interrupt stop the caller.
+    write_bytes = fa_files.write_bytes
+
+    def slow_then_interrupted(path, data):
+        if path.name == "checkpoint.pt":
+            time.sleep(0.5)  # the main thread meanwhile tests the model and waits in finish
+            os.kill(os.getpid(), signal.SIGINT)
+        write_bytes(path, data)
+
+    monkeypatch.setattr(fa_files, "write_bytes", slow_then_interrupted)
+    previous = signal.signal(signal.SIGINT, runner._interrupt)  # as fa-train's main installs for SIGTERM
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.train(make("trainer.epochs=1"), tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert results(tmp_path / "run")["status"] in ("completed", "interrupted")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_resume_refuses_another_config_naming_the_differences(make, tmp_path):

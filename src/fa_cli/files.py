@@ -91,7 +91,8 @@ class BackgroundWrites:
         self._error: BaseException | None = None
 
     def start(self, files: Mapping[Path, bytes | memoryview]) -> None:
-        """Write ``files`` in their order once the batch before is written (see :meth:`wait`)."""
+        """Write ``files`` in their order once the batch before is written; raises what stopped that
+        one (see :meth:`wait`) instead."""
         self.wait()
         batch = dict(files)
         self._thread = threading.Thread(target=self._write, args=(batch,), name="fa-cli-files")

@@ -190,7 +190,8 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # A run resumed in its own folder: the first attempt's event files hold every epoch up to the
-        # checkpoint (an epoch reaches TensorBoard only after it is checkpointed).
+        # checkpoint. (An epoch reaches TensorBoard as its checkpoint is being written, on a thread; a
+        # run killed with SIGKILL in the few ms between can show that epoch twice once resumed here.)
         self.continues = any(run.run_dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(run.run_dir))
         self.writer.add_text("config", _as_code(run.config_text))

@@ -471,8 +471,11 @@ class Run:
         """Append the epoch to metrics.csv, offer it for selection, and checkpoint everything a resumed
         run needs: all or nothing, so that the files always agree on how many epochs are done. The
         files are made here and written by a thread while the next epoch trains (finish waits for
-        them); this waits for the last epoch's first, and raises what stopped them."""
+        them)."""
         with interrupts_deferred():
+            # The last epoch's files first: a write that failed stops the run before this epoch counts,
+            # and one checkpoint at most is held in memory.
+            self.epoch_files.wait()
             self.history.append(record)
             if self.diagnostics is not None:
                 self.results["alignment"] = self.diagnostics.final()
@@ -537,29 +540,35 @@ class Run:
 
     def finish(self, status: str, **details: Any) -> dict[str, Any]:
         """Record the final status and progress (and ``details``, e.g. the error) in results.json, once
-        the last epoch's files are on disk. A run whose last files could not be written has failed."""
-        try:
-            self.epoch_files.wait()
-        except Exception as error:
-            log.error(f"the last epoch's files were not written: {describe(error)}")
-            if status != "failed":
-                status, details = "failed", {**details, "error": describe(error)}
-        self.results.update(
-            details,
-            status=status,
-            **self.selected.summary(),
-            epochs_completed=len(self.history),
-            wall_seconds=round(time.time() - self.started, 2),
-            finished_at=_now(),
-        )
-        # Before training started, only a folder without results gets them (a run that ended on its data
-        # or an interrupt): an earlier run's results in the folder are kept.
-        fresh = not (self.run_dir / "results.json").exists()
-        if self.world.main and (self.files_started or fresh):
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
-            write_json(self.run_dir / "results.json", self.results)
-            if self.files_started:
-                self.plot()
+        the last epoch's files are on disk. A run that completed but whose last files could not be
+        written has failed; another status stays, with the error."""
+        # Held until results.json is written: a second Ctrl-C while a large checkpoint is still being
+        # written must not leave results.json saying "running".
+        with interrupts_deferred():
+            try:
+                self.epoch_files.wait()
+            except Exception as error:
+                message = f"the last epoch's files were not written: {describe(error)}"
+                log.error(message)
+                status = "failed" if status == "completed" else status
+                details = {"error": message, **details}  # the run's own error, if it has one, first
+            self.results.update(
+                details,
+                status=status,
+                **self.selected.summary(),
+                epochs_completed=len(self.history),
+                wall_seconds=round(time.time() - self.started, 2),
+                finished_at=_now(),
+            )
+            # Before training started, only a folder without results gets them (a run that ended on its
+            # data or an interrupt): an earlier run's results in the folder are kept.
+            fresh = not (self.run_dir / "results.json").exists()
+            written = self.world.main and (self.files_started or fresh)
+            if written:
+                self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
+                write_json(self.run_dir / "results.json", self.results)
+        if written and self.files_started:
+            self.plot()
         self.trackers.finish(self.results)  # after the plots: they go to MLflow as artifacts
         return self.results
 
