@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -230,3 +232,26 @@ def test_fa_report_with_every_file_skipped_says_so(tmp_path):
         proc.stderr.splitlines()[-1]
         == f"fa-report: error: no readable results.json under {tmp_path} (1 skipped, above)"
     )
+
+
+# fa-report reads JSON and writes text: it needs neither torch nor its seconds of import. Run as
+# fa-report runs, on a folder of results, with torch made unimportable.
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+from fa_cli.report import main
+main(sys.argv[1:])
+"""
+
+
+def test_fa_report_runs_without_importing_torch(tmp_path):
+    for i, r in enumerate(RESULTS[:3]):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(tmp_path), "--format", "markdown", "--write"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| BP | 97.50 ± 0.71 % | 0.1500 ± 0.0707 | 2 |" in proc.stdout
+    assert "| BP | 97.50 ± 0.71 % |" in (tmp_path / "summary.md").read_text()

@@ -30,6 +30,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fa_cli.alignment import INITS, METHODS
+
 
 class ConfigError(ValueError):
     """A config that cannot run. ``str()`` is one line that starts with the offending key."""
@@ -378,9 +380,6 @@ def _torchvision_classifiers() -> list[str]:
 
 
 def _check_method(m: MethodConfig) -> None:
-    from fa_cli.alignment import METHODS
-    from fa_cli.alignment.feedback import INITS
-
     _one_of("method.name", m.name, METHODS)
     _positive("method.scale", m.scale)
     _one_of("method.init", m.init, INITS)

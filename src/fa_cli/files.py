@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def _replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
@@ -71,6 +69,8 @@ def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: list[st
 def checkpoint_bytes(state: Mapping[str, Any]) -> memoryview:
     """``torch.save`` of tensors, numbers, strings and containers only, so that the file loads with
     ``torch.load(path, weights_only=True)``; in memory, copied off the device as it is now."""
+    import torch  # here, not at the top: fa-report writes files without torch, seconds sooner
+
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
     return buffer.getbuffer()  # the buffer itself, not a copy of it: a large model's state is 100s of MB
@@ -136,6 +136,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if head != _ZIP:  # a log, a CSV, an image, a plain pickle: not torch.save's archive at all
         why = "torch.save writes a zip archive; this file is not one"
         raise CheckpointError(f"{path} is not a checkpoint ({why})")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

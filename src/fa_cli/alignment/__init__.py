@@ -17,12 +17,21 @@ direct feedback alignment (Nøkland 2016); ``usf``, ``brsf``, ``frsf`` sign-conc
 learns.
 """
 
-from fa_cli.alignment import metrics
-from fa_cli.alignment.convert import convert, train_feedback
-from fa_cli.alignment.exact import exact_gradients
-from fa_cli.alignment.layers import METHODS, AlignmentLayer, Conv1d, Conv2d, Conv3d, Linear
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fa_cli.alignment.names import INITS, METHODS
+
+if TYPE_CHECKING:
+    from fa_cli.alignment import metrics
+    from fa_cli.alignment.convert import convert, train_feedback
+    from fa_cli.alignment.exact import exact_gradients
+    from fa_cli.alignment.layers import AlignmentLayer, Conv1d, Conv2d, Conv3d, Linear
 
 __all__ = [
+    "INITS",
     "METHODS",
     "AlignmentLayer",
     "Conv1d",
@@ -34,3 +43,33 @@ __all__ = [
     "metrics",
     "train_feedback",
 ]
+
+#: The module each torch-backed name comes from, imported at its first use: the names of the rules
+#: (what configs and result tables check against) then come without importing torch, which takes
+#: seconds, so that fa-report and the config checks answer at once.
+_MODULES = {
+    "AlignmentLayer": "layers",
+    "Conv1d": "layers",
+    "Conv2d": "layers",
+    "Conv3d": "layers",
+    "Linear": "layers",
+    "convert": "convert",
+    "exact_gradients": "exact",
+    "metrics": None,  # a module of its own
+    "train_feedback": "convert",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _MODULES[name]
+    value = importlib.import_module(f"{__name__}.{module or name}")
+    if module is not None:
+        value = getattr(value, name)
+    globals()[name] = value  # once: later uses find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

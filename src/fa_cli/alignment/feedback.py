@@ -47,12 +47,12 @@ import math
 import torch
 from torch import Tensor
 
+from fa_cli.alignment.names import INITS
+
 #: Rules whose feedback has the weight's shape.
 WEIGHT_SHAPED = ("fa", "kp", "usf", "frsf", "brsf")
 #: Rules whose feedback is ``sign(W)`` times a stored magnitude.
 SIGN_CONCORDANT = ("usf", "frsf", "brsf")
-#: How feedback matrices are drawn: the law of the weight's default initialisation, or Glorot's.
-INITS = ("default", "xavier")
 
 
 def check_init(init: str) -> str:

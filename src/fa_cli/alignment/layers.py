@@ -26,8 +26,8 @@ from fa_cli.alignment import feedback as fb
 from fa_cli.alignment.dfa import Projection, current_pass
 from fa_cli.alignment.exact import rules_active
 from fa_cli.alignment.functional import ConvDirect, ConvFeedback, LinearDirect, LinearFeedback
+from fa_cli.alignment.names import METHODS
 
-METHODS = ("bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "shallow")
 PROJECTIONS = ("full", "channel")
 
 
