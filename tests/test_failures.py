@@ -173,6 +173,7 @@ def test_an_interrupt_while_the_last_files_are_written_still_records_the_run(mak
         signal.signal(signal.SIGINT, previous)
     assert results(tmp_path / "run")["status"] in ("completed", "interrupted")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "run" / "curves.png").is_file(), "the figures are drawn after results.json still"
 
 
 def test_resume_refuses_another_config_naming_the_differences(make, tmp_path):

@@ -543,33 +543,37 @@ class Run:
         the last epoch's files are on disk. A run that completed but whose last files could not be
         written has failed; another status stays, with the error."""
         # Held until results.json is written: a second Ctrl-C while a large checkpoint is still being
-        # written must not leave results.json saying "running".
-        with interrupts_deferred():
-            try:
-                self.epoch_files.wait()
-            except Exception as error:
-                message = f"the last epoch's files were not written: {describe(error)}"
-                log.error(message)
-                status = "failed" if status == "completed" else status
-                details = {"error": message, **details}  # the run's own error, if it has one, first
-            self.results.update(
-                details,
-                status=status,
-                **self.selected.summary(),
-                epochs_completed=len(self.history),
-                wall_seconds=round(time.time() - self.started, 2),
-                finished_at=_now(),
-            )
-            # Before training started, only a folder without results gets them (a run that ended on its
-            # data or an interrupt): an earlier run's results in the folder are kept.
-            fresh = not (self.run_dir / "results.json").exists()
-            written = self.world.main and (self.files_started or fresh)
-            if written:
-                self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; a caller of train() may not
-                write_json(self.run_dir / "results.json", self.results)
-        if written and self.files_started:
-            self.plot()
-        self.trackers.finish(self.results)  # after the plots: they go to MLflow as artifacts
+        # written must not leave results.json saying "running". The figures and the trackers' end come
+        # after it in any case (a third Ctrl-C stops them).
+        written = False
+        try:
+            with interrupts_deferred():
+                try:
+                    self.epoch_files.wait()
+                except Exception as error:
+                    message = f"the last epoch's files were not written: {describe(error)}"
+                    log.error(message)
+                    status = "failed" if status == "completed" else status
+                    details = {**details, "error": "; ".join(filter(None, [details.get("error"), message]))}
+                self.results.update(
+                    details,
+                    status=status,
+                    **self.selected.summary(),
+                    epochs_completed=len(self.history),
+                    wall_seconds=round(time.time() - self.started, 2),
+                    finished_at=_now(),
+                )
+                # Before training started, only a folder without results gets them (a run that ended on
+                # its data or an interrupt): an earlier run's results in the folder are kept.
+                fresh = not (self.run_dir / "results.json").exists()
+                written = self.world.main and (self.files_started or fresh)
+                if written:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)  # made by Hydra, not by all callers
+                    write_json(self.run_dir / "results.json", self.results)
+        finally:
+            if written and self.files_started:
+                self.plot()
+            self.trackers.finish(self.results)  # after the plots: they go to MLflow as artifacts
         return self.results
 
     def plot(self) -> None:

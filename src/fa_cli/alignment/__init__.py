@@ -26,7 +26,7 @@ from fa_cli.alignment.names import INITS, METHODS
 
 if TYPE_CHECKING:
     from fa_cli.alignment import metrics
-    from fa_cli.alignment.convert import convert, train_feedback
+    from fa_cli.alignment.conversion import convert, train_feedback
     from fa_cli.alignment.exact import exact_gradients
     from fa_cli.alignment.layers import AlignmentLayer, Conv1d, Conv2d, Conv3d, Linear
 
@@ -46,17 +46,18 @@ __all__ = [
 
 #: The module each torch-backed name comes from, imported at its first use: the names of the rules
 #: (what configs and result tables check against) then come without importing torch, which takes
-#: seconds, so that fa-report and the config checks answer at once.
+#: seconds, so that fa-report answers at once. No module is named as a name it gives: importing a
+#: submodule binds the package's attribute of that name to the module, which would hide the name.
 _MODULES = {
     "AlignmentLayer": "layers",
     "Conv1d": "layers",
     "Conv2d": "layers",
     "Conv3d": "layers",
     "Linear": "layers",
-    "convert": "convert",
+    "convert": "conversion",
     "exact_gradients": "exact",
     "metrics": None,  # a module of its own
-    "train_feedback": "convert",
+    "train_feedback": "conversion",
 }
 
 
