@@ -1102,8 +1102,8 @@ MATH_FRAMES = (
     ("torch/optim/adamw.py", None),
 )
 #: What fa_cli.train does once per epoch besides engine.fit (metrics.csv, model selection, checkpoint,
-#: log line, early stopping): the names of the functions its epoch loop calls.
-PER_EPOCH = ("end_epoch", "patience_ran_out", "write_csv", "offer", "save_checkpoint", "info", "_epoch_line")
+#: log line, early stopping): the names of the methods its epoch loop (Run.fit) calls.
+PER_EPOCH = ("end_epoch", "patience_ran_out")
 
 
 def frame_parts(frame: str) -> tuple[str, str]:

@@ -39,6 +39,13 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = Non
     )
 
 
+def run_code(code: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -c <code> args...``, for what needs a fresh interpreter (imports, modules hidden)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
 def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
     """``python -m <module> args...`` in ``cwd``, started and not waited for, for a test that interrupts
     it: stdout dropped, stderr kept (text), and SIGINT at its default action in the child."""

@@ -23,7 +23,7 @@ from fa_cli import data, engine
 from fa_cli import files as fa_files
 from fa_cli import train as runner
 from fa_cli.config import ConfigError, FilesDatasetConfig, SGDConfig, SyntheticDatasetConfig, validate
-from fa_cli.files import save_checkpoint
+from fa_cli.files import checkpoint_bytes, write_bytes
 from fa_cli.optim import build_scheduler
 from runs import SMOKE, run_cli, start_cli
 
@@ -128,18 +128,26 @@ def test_resuming_in_place_keeps_the_earlier_epochs(make, interrupt_at, tmp_path
     assert outcome(tmp_path / "run") == outcome(tmp_path / "whole")
 
 
+def before_each_checkpoint_write(monkeypatch, action) -> None:
+    """Call ``action(path)`` on the run's file thread before each checkpoint.pt is written."""
+    write = fa_files.write_bytes
+
+    def write_after_action(path, data):
+        if path.name == "checkpoint.pt":
+            action(path)
+        write(path, data)
+
+    monkeypatch.setattr(fa_files, "write_bytes", write_after_action)
+
+
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_a_run_whose_checkpoint_cannot_be_written_fails_naming_why(make, tmp_path, monkeypatch, epochs):
     # Epoch files are written by a thread while the next epoch trains: a failure stops the run at the
     # next epoch's end, or, after the last epoch, at the end of the run; never silently.
-    write_bytes = fa_files.write_bytes
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    def disk_full_for_checkpoints(path, data):
-        if path.name == "checkpoint.pt":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        write_bytes(path, data)
-
-    monkeypatch.setattr(fa_files, "write_bytes", disk_full_for_checkpoints)
+    before_each_checkpoint_write(monkeypatch, disk_full)
     cfg = make(f"trainer.epochs={epochs}")
     if epochs > 1:
         with pytest.raises(OSError, match="No space left"):
@@ -156,15 +164,11 @@ def test_a_run_whose_checkpoint_cannot_be_written_fails_naming_why(make, tmp_pat
 def test_an_interrupt_while_the_last_files_are_written_still_records_the_run(make, tmp_path, monkeypatch):
     # Ctrl-C while finish waits for a slow checkpoint write (as a second Ctrl-C, after the first stopped
     # the run, would): results.json must still say how the run ended, and the interrupt stop the caller.
-    write_bytes = fa_files.write_bytes
+    def slow_then_interrupted(path):
+        time.sleep(0.5)  # the main thread meanwhile tests the model and waits in finish
+        os.kill(os.getpid(), signal.SIGINT)
 
-    def slow_then_interrupted(path, data):
-        if path.name == "checkpoint.pt":
-            time.sleep(0.5)  # the main thread meanwhile tests the model and waits in finish
-            os.kill(os.getpid(), signal.SIGINT)
-        write_bytes(path, data)
-
-    monkeypatch.setattr(fa_files, "write_bytes", slow_then_interrupted)
+    before_each_checkpoint_write(monkeypatch, slow_then_interrupted)
     previous = signal.signal(signal.SIGINT, runner._interrupt)  # as fa-train's main installs for SIGTERM
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -503,7 +507,7 @@ def test_a_checkpoint_with_pickled_objects_is_refused_never_run(fa_train, tmp_pa
     marker = tmp_path / "code-ran"
     checkpoint = tmp_path / "evil" / "checkpoint.pt"
     checkpoint.parent.mkdir()
-    save_checkpoint(checkpoint, {"epoch": 1, "model": RunsCode(marker)})
+    write_bytes(checkpoint, checkpoint_bytes({"epoch": 1, "model": RunsCode(marker)}))
     before = checkpoint.read_bytes()
     proc = fa_train(*SMOKE, f"trainer.resume={checkpoint}")
     assert proc.returncode == 2

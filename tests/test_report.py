@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
 from fa_cli import report
-from runs import run_cli
+from runs import run_cli, run_code
 
 
 def result(method, accuracy, loss, seed=0, status="completed", model="ann", dataset="mnist", overrides=()):
@@ -248,10 +246,7 @@ def test_fa_report_runs_without_importing_torch(tmp_path):
     for i, r in enumerate(RESULTS[:3]):
         (tmp_path / str(i)).mkdir()
         (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
-    proc = subprocess.run(
-        [sys.executable, "-c", NO_TORCH, str(tmp_path), "--format", "markdown", "--write"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+    proc = run_code(NO_TORCH, str(tmp_path), "--format", "markdown", "--write", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "| BP | 97.50 ± 0.71 % | 0.1500 ± 0.0707 | 2 |" in proc.stdout
     assert "| BP | 97.50 ± 0.71 % |" in (tmp_path / "summary.md").read_text()

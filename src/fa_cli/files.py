@@ -76,10 +76,6 @@ def checkpoint_bytes(state: Mapping[str, Any]) -> memoryview:
     return buffer.getbuffer()  # the buffer itself, not a copy of it: a large model's state is 100s of MB
 
 
-def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    write_bytes(path, checkpoint_bytes(state))
-
-
 class BackgroundWrites:
     """Files written atomically by a thread while the caller goes on, one batch of files at a time, in
     the order given, so that a run's next epoch does not wait for the disk (``fsync``). The caller
@@ -125,7 +121,7 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`, on the CPU. Loaded with ``weights_only=True``:
+    """A checkpoint written from :func:`checkpoint_bytes`, on the CPU. Loaded with ``weights_only=True``:
     a file that carries other pickled objects (which a plain ``torch.load`` would construct, running
     whatever code they name) is refused, never executed."""
     try:

@@ -548,13 +548,10 @@ class Run:
         written = False
         try:
             with interrupts_deferred():
-                try:
-                    self.epoch_files.wait()
-                except Exception as error:
-                    message = f"the last epoch's files were not written: {describe(error)}"
-                    log.error(message)
+                unwritten = self.wait_for_files()
+                if unwritten is not None:
                     status = "failed" if status == "completed" else status
-                    details = {**details, "error": "; ".join(filter(None, [details.get("error"), message]))}
+                    details = {**details, "error": "; ".join(filter(None, [details.get("error"), unwritten]))}
                 self.results.update(
                     details,
                     status=status,
@@ -575,6 +572,16 @@ class Run:
                 self.plot()
             self.trackers.finish(self.results)  # after the plots: they go to MLflow as artifacts
         return self.results
+
+    def wait_for_files(self) -> str | None:
+        """Until the last epoch's files are on disk; what stopped them, or None."""
+        try:
+            self.epoch_files.wait()
+        except Exception as error:
+            message = f"the last epoch's files were not written: {describe(error)}"
+            log.error(message)
+            return message
+        return None
 
     def plot(self) -> None:
         """``curves.png`` and ``alignment.png`` in the run folder, from the files just written. A figure

@@ -3,10 +3,9 @@ each name is what it says, and the rules' names come without torch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+
+from runs import run_code
 
 # Every submodule imported first, as a program may (``import fa_cli.optim`` imports one): importing a
 # submodule binds the package's attribute of its name, which must never hide a name the package gives.
@@ -32,17 +31,13 @@ print("ok")
 """
 
 
-def run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-
-
 def test_every_name_is_what_it_says_whatever_was_imported_first():
-    proc = run(EVERY_SUBMODULE_FIRST)
+    proc = run_code(EVERY_SUBMODULE_FIRST)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
 
 
 def test_the_rules_names_come_without_torch():
-    proc = run(NAMES_WITHOUT_TORCH)
+    proc = run_code(NAMES_WITHOUT_TORCH)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
 
 
