@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
-from fa_cli import data, train
+from fa_cli import data
 from fa_cli.alignment import metrics
 from fa_cli.config import EvalConfig, validate
 from fa_cli.eval import attack_accuracies, input_gradient
 from fa_cli.report import LABELS
+from fa_cli.run import Run
 
 
 def rule_gradient(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def main() -> None:
         with initialize_config_module(config_module="fa_cli.conf", version_base=None):
             cfg = validate(compose(config_name="train", overrides=overrides))
         with tempfile.TemporaryDirectory() as scratch:
-            model = train.Run(cfg, Path(scratch), overrides).model  # built as the run built it
+            model = Run(cfg, Path(scratch), overrides).model  # built as the run built it
         model.load_state_dict(torch.load(file.parent / "checkpoint.pt", weights_only=True)["best_model"])
         model.eval()
         key = f"{cfg.dataset.name}/{cfg.seed}"

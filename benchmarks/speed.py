@@ -114,7 +114,7 @@ class Case:
 
 
 def build_case(run: RunConfig, device: torch.device) -> Case:
-    """Network, rule and optimizer as ``fa_cli.train.train`` builds them (same calls, same order)."""
+    """Network, rule and optimizer as ``fa_cli.run.train`` builds them (same calls, same order)."""
     torch.manual_seed(run.seed)
     shape = data.shape_of(run.dataset)
     network = models.build(
@@ -1101,7 +1101,7 @@ MATH_FRAMES = (
     ("torch/optim/adam.py", None),
     ("torch/optim/adamw.py", None),
 )
-#: What fa_cli.train does once per epoch besides engine.fit (metrics.csv, model selection, checkpoint,
+#: What fa_cli.run does once per epoch besides engine.fit (metrics.csv, model selection, checkpoint,
 #: log line, early stopping): the names of the methods its epoch loop (Run.fit) calls.
 PER_EPOCH = ("end_epoch", "patience_ran_out")
 
@@ -1136,7 +1136,7 @@ def epoch_part(parts: list[tuple[str, str]], loop: tuple[str, str]) -> str | Non
     if fit is None:  # in the epoch loop, the per-epoch work is in its PER_EPOCH calls
         at = parts.index(loop) if loop in parts else None
         called = parts[at + 1][0].rsplit(".", 1)[-1] if at is not None and at + 1 < len(parts) else None
-        return "metrics.csv, checkpoint, log (train.py)" if called in PER_EPOCH else None
+        return "metrics.csv, checkpoint, log (run.py)" if called in PER_EPOCH else None
     label = "batches, metrics, epoch loop (engine)"
     for function, path in parts[fit + 1 :]:
         if is_math(function, path):
@@ -1217,7 +1217,7 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
                 buckets[part] = buckets.get(part, 0) + count
         epoch_total = sum(buckets.values())
         if not epoch_total:
-            report.line(f"overhead: no engine.fit frames in the profile of {name}; has fa_cli.train changed?")
+            report.line(f"overhead: no engine.fit frames in the profile of {name}; has fa_cli.run changed?")
             continue
         per_epoch_ms = 1e3 * epoch_seconds / epoch_total  # a part's samples -> its ms per epoch
         outside = epoch_total - buckets.get("math", 0)
@@ -1244,7 +1244,7 @@ def section_overhead(args: argparse.Namespace, report: Report, device: torch.dev
                 f"{1e3 * plain_seconds:.0f} ms in the same run without the profiler, just before); "
                 f"{epoch_total:,} of {total:,} samples fell in the epochs. math = "
                 "samples inside the model call, cross_entropy, backward and the optimizer's step/zero_grad "
-                "(training and validation); every other sample in engine.fit, and in train.py's per-epoch "
+                "(training and validation); every other sample in engine.fit, and in run.py's per-epoch "
                 "work, is outside. The rest of the run (Hydra, model, data load, final test, plots) is "
                 "once per run and not counted."
                 + (
@@ -1391,7 +1391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     clock = CLOCKS[args.clock]
     # fa-train's own settings (trainer.deterministic, default true), set before CUDA starts: cuBLAS
     # reads its workspace setting once.
-    from fa_cli.train import seed_everything
+    from fa_cli.run import seed_everything
 
     seed_everything(args.seed, deterministic=not args.nondeterministic)
     device = torch.device(args.device)

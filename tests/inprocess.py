@@ -1,4 +1,4 @@
-"""Runs trained in the test process: configs composed with Hydra's compose API, then ``train.train``
+"""Runs trained in the test process: configs composed with Hydra's compose API, then ``fa_cli.run.train``
 (imported by the diagnostics' and attacks' tests; seconds each, on generated data)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 from hydra import compose, initialize_config_module
 
-from fa_cli import train
 from fa_cli.config import RunConfig, validate
+from fa_cli.run import train
 
 TINY = [
     "dataset=synthetic",
@@ -34,4 +34,4 @@ def config(*overrides: str) -> RunConfig:
 
 def run(run_dir: Path, *overrides: str) -> dict[str, Any]:
     """Train ``TINY`` plus ``overrides`` into ``run_dir``; returns results.json's contents."""
-    return train.train(config(*overrides), run_dir, list(overrides))
+    return train(config(*overrides), run_dir, list(overrides))

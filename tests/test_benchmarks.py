@@ -56,7 +56,7 @@ def test_overhead_puts_each_sampled_stack_in_its_part_of_the_epoch(speed):
     def stack(*frames: str) -> list[tuple[str, str]]:
         return [speed.frame_parts(frame) for frame in frames]
 
-    root = ("<module> (fa_cli/train.py:600)", "main (fa_cli/train.py:500)", "Run.train (fa_cli/train.py:300)")
+    root = ("<module> (fa_cli/train.py:600)", "main (fa_cli/train.py:500)", "Run.fit (fa_cli/run.py:300)")
     fit = (*root, "fit (/x/src/fa_cli/engine.py:109)", "train_epoch (/x/src/fa_cli/engine.py:150)")
     stacks = {
         "math": stack(*fit, "Module._wrapped_call_impl (/v/torch/nn/modules/module.py:1773)"),
@@ -64,7 +64,7 @@ def test_overhead_puts_each_sampled_stack_in_its_part_of_the_epoch(speed):
         "gather": stack(*fit, "gathered (/x/src/fa_cli/engine.py:255)"),
         "loop": stack(*fit),
         "bar": stack(*fit, "ProgressBar.update (fa_cli/logger.py:90)"),
-        "files": stack(*root, "Run.end_epoch (fa_cli/train.py:320)", "write_csv (fa_cli/files.py:40)"),
+        "files": stack(*root, "Run.end_epoch (fa_cli/run.py:320)", "write_csv (fa_cli/files.py:40)"),
         "once": stack(*root, "load (fa_cli/data.py:100)"),
     }
     loop = speed.epoch_loop(list(stacks.values()))
@@ -76,7 +76,7 @@ def test_overhead_puts_each_sampled_stack_in_its_part_of_the_epoch(speed):
         "gather": "batch gather (engine.gathered)",
         "loop": "batches, metrics, epoch loop (engine)",
         "bar": "progress bar",
-        "files": "metrics.csv, checkpoint, log (train.py)",
+        "files": "metrics.csv, checkpoint, log (run.py)",
         "once": None,
     }
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fa_cli.alignment import METHODS
-from runs import SMOKE, run_cli, start_cli
+from runs import SMOKE, run_cli, run_code, start_cli
 
 RESULT_FIELDS = {
     "method", "model", "dataset", "seed", "status", "test_accuracy", "test_loss", "best_val_accuracy",
@@ -201,6 +201,39 @@ def test_bad_configs_fail_in_one_line_naming_the_key(fa_train, tmp_path, args, m
     assert lines == [lines[0]] and lines[0].startswith(f"fa-train: error: {message}"), proc.stderr
     assert time.monotonic() - start < 60
     assert not list(tmp_path.glob("sweep/*/metrics.csv")), "no job of a bad sweep starts"
+
+
+# fa-train refuses what cannot run before torch loads (seconds): run as fa-train runs, with torch made
+# unimportable, each refusal must be the one line it is with torch, not an ImportError.
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+from fa_cli.train import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["method=dfx"], "method=dfx: no such option (did you mean dfa?)"),
+        (["optim.lr=-0.1"], "optim.lr: must be > 0, got -0.1"),
+        (["model.activation=relu2"], "model.activation: unknown value 'relu2' (did you mean relu?)"),
+        (["model.init=glorot"], "model.init: unknown value 'glorot'; choose one of: default"),
+        (["-m", "method=bp,fa", "optim.lr=0.1,0"], "optim.lr: must be > 0, got 0.0 (job method=bp"),
+        (["trainer.epochs=1"], "{run}: holds a run of another config ("),
+    ],
+)
+def test_bad_configs_and_taken_folders_are_refused_without_importing_torch(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "config": {"seed": 5}}))
+    folders = [f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_code(NO_TORCH, *args, *folders, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fa-train: error: {message.format(run=run_dir)}"), lines
+    assert json.loads((run_dir / "results.json").read_text())["config"] == {"seed": 5}, "left as it was"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

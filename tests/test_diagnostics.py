@@ -84,7 +84,7 @@ def test_kolen_pollack_brings_w_and_b_together(tmp_path):
 
 
 def test_the_epoch_line_summarises_the_angles(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="fa_cli.train"):
+    with caplog.at_level(logging.INFO, logger="fa_cli.run"):
         results = run(tmp_path, "method=fa", "diagnostics.every=5")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2 and all("∠update,grad" in line and "∠W,B" in line for line in lines)

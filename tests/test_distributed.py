@@ -49,7 +49,7 @@ def _free_port() -> int:
 def _train_on_ranks(rank: int, size: int, port: int, folder: Path) -> None:
     """A rank: every method under DDP, as torchrun would start it; then rank 0 trains each method again
     as a single process, the reference."""
-    from fa_cli.train import Run, train  # in the child: the spawn start method imports afresh
+    from fa_cli.run import Run, train  # in the child: the spawn start method imports afresh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(size))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
@@ -183,7 +183,7 @@ def test_a_rank_that_fails_prints_its_traceback_and_leaves_with_1(
 ) -> None:
     # Not only fa-train's own exits: a run that fails with an exception skips the interpreter's shutdown
     # too, where gloo's threads can abort the process, after printing what Python would have printed.
-    from fa_cli import train
+    from fa_cli import distributed, train
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     for name, value in env.items():
@@ -200,7 +200,7 @@ def test_a_rank_that_fails_prints_its_traceback_and_leaves_with_1(
         raise SystemExit(code)  # os._exit would end the test run
 
     monkeypatch.setattr(train, "_command", fail)
-    monkeypatch.setattr(train.distributed, "leave", leave)
+    monkeypatch.setattr(distributed, "leave", leave)
     monkeypatch.setattr(sys, "argv", ["fa-train", *RUN])
     sigterm = signal.getsignal(signal.SIGTERM)
     try:

@@ -21,10 +21,12 @@ from torch import nn
 
 from fa_cli import data, engine
 from fa_cli import files as fa_files
-from fa_cli import train as runner
+from fa_cli import run as runner
 from fa_cli.config import ConfigError, FilesDatasetConfig, SGDConfig, SyntheticDatasetConfig, validate
 from fa_cli.files import checkpoint_bytes, write_bytes
+from fa_cli.folders import FolderTaken
 from fa_cli.optim import build_scheduler
+from fa_cli.train import _interrupt
 from runs import SMOKE, run_cli, start_cli
 
 CPU = torch.device("cpu")
@@ -169,7 +171,7 @@ def test_an_interrupt_while_the_last_files_are_written_still_records_the_run(mak
         os.kill(os.getpid(), signal.SIGINT)
 
     before_each_checkpoint_write(monkeypatch, slow_then_interrupted)
-    previous = signal.signal(signal.SIGINT, runner._interrupt)  # as fa-train's main installs for SIGTERM
+    previous = signal.signal(signal.SIGINT, _interrupt)  # as fa-train's main installs for SIGTERM
     try:
         with pytest.raises(KeyboardInterrupt):
             runner.train(make("trainer.epochs=1"), tmp_path / "run")
@@ -257,7 +259,7 @@ def test_a_folder_holding_another_configs_run_is_never_written_into(make, tmp_pa
     runner.train(make("trainer.epochs=1"), tmp_path / "run")
     before = snapshot(tmp_path / "run")
     taken = rf"^{tmp_path / 'run'}: holds a run of another config \(trainer.epochs: 1 -> 2\); not writing"
-    with pytest.raises(runner.FolderTaken, match=taken):
+    with pytest.raises(FolderTaken, match=taken):
         runner.train(make("trainer.epochs=2", f"trainer.skip_completed={skip_completed}"), tmp_path / "run")
     assert snapshot(tmp_path / "run") == before
 
@@ -271,7 +273,7 @@ def test_without_readable_results_the_checkpoint_tells_whose_run_a_folder_holds(
     else:
         found.write_text(found.read_text()[:50])
     before = snapshot(tmp_path / "run")
-    with pytest.raises(runner.FolderTaken, match=r"holds a run of another config \(trainer.epochs: 1 -> 2\)"):
+    with pytest.raises(FolderTaken, match=r"holds a run of another config \(trainer.epochs: 1 -> 2\)"):
         runner.train(make("trainer.epochs=2"), tmp_path / "run")
     assert snapshot(tmp_path / "run") == before
     # The same config with skip_completed: an interrupted run, resumed from its checkpoint.
@@ -279,7 +281,7 @@ def test_without_readable_results_the_checkpoint_tells_whose_run_a_folder_holds(
     assert resumed["status"] == "completed" and resumed["resumed_from"]["epoch"] == 1
     (tmp_path / "run" / "results.json").unlink()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04 and then nothing")
-    with pytest.raises(runner.FolderTaken, match=r"holds a checkpoint.pt that cannot be read \("):
+    with pytest.raises(FolderTaken, match=r"holds a checkpoint.pt that cannot be read \("):
         runner.train(make("trainer.epochs=1"), tmp_path / "run")
 
 

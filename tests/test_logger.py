@@ -27,7 +27,7 @@ from fa_cli.config import (
 )
 from fa_cli.engine import EpochRecord
 from fa_cli.logger import DEFAULT_EXPERIMENT, PACKAGES, RunInfo, Trackers, Tracking, experiment_name
-from fa_cli.train import train
+from fa_cli.run import train
 from runs import SMOKE
 
 TAGS = {  # metrics.csv's columns and their TensorBoard tags, as the README lists them

@@ -8,7 +8,7 @@ from torch import nn
 
 from fa_cli import models
 from fa_cli.alignment import METHODS, convert
-from fa_cli.config import CNNConfig, ConfigError, LeNetConfig, MLPConfig, TorchvisionConfig
+from fa_cli.config import ACTIVATIONS, CNNConfig, ConfigError, LeNetConfig, MLPConfig, TorchvisionConfig
 
 CONFIGS = {
     "ann": MLPConfig(name="ann", widths=[50]),
@@ -71,6 +71,19 @@ def test_lenet_matches_biotorch_le_net_mnist():
 def test_torchvision_models_are_adapted_to_the_channels():
     model = build("resnet18", channels=1)
     assert model.conv1.in_channels == 1 and model.fc.out_features == 10
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_name_builds_its_torch_module(activation):
+    # The names are in fa_cli.config, without torch, for the checks; each must be the module it names.
+    mlp = MLPConfig(name="mlp", widths=[8], activation=activation)
+    cnn = CNNConfig(name="cnn", channels=[4], hidden=8, activation=activation)
+    for config in (mlp, cnn):
+        model = models.build(config, in_channels=1, image_size=8, num_classes=3)
+        assert [type(m).__name__ for m in model.modules() if not list(m.children())].count(
+            ACTIVATIONS[activation]
+        ) == (1 if config is mlp else 2)
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
 def test_models_that_cannot_take_the_images_fail_naming_the_key():

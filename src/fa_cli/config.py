@@ -41,6 +41,11 @@ class ConfigError(ValueError):
         self.key, self.message = key, message
 
 
+class DataError(RuntimeError):
+    """Dataset files that are missing (and cannot be downloaded) or unreadable (raised by
+    ``fa_cli.data``). One line."""
+
+
 class Abort(BaseException):
     """Carries a config or data error past Hydra's handlers, which catch ``Exception`` (to print their
     own multi-line report, or to turn a callback's error into a warning), up to ``fa-train``'s main,
@@ -265,6 +270,17 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+#: model.activation: the ``torch.nn`` module of each name (named here, without torch, for the checks).
+ACTIVATIONS = {
+    "relu": "ReLU",
+    "tanh": "Tanh",
+    "sigmoid": "Sigmoid",
+    "gelu": "GELU",
+    "elu": "ELU",
+    "leaky_relu": "LeakyReLU",
+}
+#: model.init: PyTorch's default initialisation of each layer, or Glorot's (xavier_uniform_, zero bias).
+MODEL_INITS = ("default", "xavier")
 SCHEDULES = ("none", "step", "multistep", "cosine")
 PROJECTIONS = ("full", "channel")
 ATTACKS = ("none", "fgsm", "pgd")
@@ -346,9 +362,7 @@ def _check_dataset(d: FilesDatasetConfig | SyntheticDatasetConfig) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
-    from fa_cli.models import ACTIVATIONS, INITS  # here, not at the top: fa_cli.models imports this module
-
-    _one_of("model.init", m.init, INITS)
+    _one_of("model.init", m.init, MODEL_INITS)
     if isinstance(m, MLPConfig | CNNConfig):
         _one_of("model.activation", m.activation, list(ACTIVATIONS))
     if isinstance(m, MLPConfig):
@@ -429,10 +443,10 @@ def _check_trainer(t: TrainerConfig) -> None:
 def check_cuda(device: str) -> None:
     """A CUDA device that this machine has: checked with the config, so that a grid fails before its
     first job rather than in each."""
-    import torch  # here, not at the top: the schema itself does not need torch
-
     if not device.startswith("cuda"):
         return
+    import torch  # here, not at the top: only a CUDA device needs torch to check it
+
     if not torch.cuda.is_available():
         built = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
         raise ConfigError(

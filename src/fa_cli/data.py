@@ -18,11 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fa_cli.config import FilesDatasetConfig, SyntheticDatasetConfig
-
-
-class DataError(RuntimeError):
-    """Dataset files that are missing (and cannot be downloaded) or unreadable. One line."""
+from fa_cli.config import DataError, FilesDatasetConfig, SyntheticDatasetConfig
 
 
 @dataclass(frozen=True)

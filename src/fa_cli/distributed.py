@@ -32,18 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fa_cli.alignment import AlignmentLayer
 from fa_cli.config import ConfigError
-
-#: What torchrun (and ``srun`` with these set) tells each process.
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def launched_by_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
-
-
-def env_rank() -> int:
-    """This process's rank as torchrun set it (0 outside torchrun): readable before any process group."""
-    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+from fa_cli.launcher import launched_by_torchrun
 
 
 @dataclass(frozen=True)

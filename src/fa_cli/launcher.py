@@ -1,4 +1,7 @@
-"""Threads for each job of a sweep, from the Hydra launcher that runs the jobs (``hydra/launcher``).
+"""How a run was launched: by a Hydra launcher, which sets each job's threads, or by torchrun. Imports no
+torch, so that ``fa-train`` checks a config before torch loads.
+
+Threads for each job of a sweep, from the Hydra launcher that runs the jobs (``hydra/launcher``).
 
 Left alone, every torch process starts one thread per core, so ``n`` jobs running side by side start
 ``n`` times as many threads as there are cores, which then wait on each other. (joblib divides the
@@ -16,6 +19,7 @@ its launcher:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +29,12 @@ log = logging.getLogger(__name__)
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+#: What torchrun (and ``srun`` with these set) tells each process.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
 def concurrent_jobs(n_jobs: int, cores: int) -> int:

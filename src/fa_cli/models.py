@@ -13,6 +13,7 @@ from torch import nn
 
 from fa_cli.alignment.layers import CONVERTIBLE
 from fa_cli.config import (
+    ACTIVATIONS,
     CNNConfig,
     ConfigError,
     LeNetConfig,
@@ -21,16 +22,10 @@ from fa_cli.config import (
     TorchvisionConfig,
 )
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-    "elu": nn.ELU,
-    "leaky_relu": nn.LeakyReLU,
-}
-#: model.init: PyTorch's default initialisation of each layer, or Glorot's (xavier_uniform_, zero bias).
-INITS = ("default", "xavier")
+
+def _activation(name: str) -> nn.Module:
+    """A new ``model.activation`` module: ``relu`` is ``nn.ReLU()`` (the names in ``fa_cli.config``)."""
+    return getattr(nn, ACTIVATIONS[name])()
 
 
 class MLP(nn.Sequential):
@@ -39,7 +34,7 @@ class MLP(nn.Sequential):
     def __init__(self, in_features: int, widths: list[int], num_classes: int, activation: str = "relu"):
         layers: list[nn.Module] = [nn.Flatten()]
         for width in widths:
-            layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(in_features, width), _activation(activation)]
             in_features = width
         layers.append(nn.Linear(in_features, num_classes))
         super().__init__(*layers)
@@ -65,7 +60,7 @@ class CNN(nn.Sequential):
         for width in channels:
             layers += [
                 nn.Conv2d(in_channels, width, kernel_size, padding=kernel_size // 2),
-                ACTIVATIONS[activation](),
+                _activation(activation),
                 nn.MaxPool2d(2),
             ]
             in_channels, size = width, size // 2
@@ -75,7 +70,7 @@ class CNN(nn.Sequential):
         layers += [
             nn.Flatten(),
             nn.Linear(in_channels * size * size, hidden),
-            ACTIVATIONS[activation](),
+            _activation(activation),
             nn.Linear(hidden, num_classes),
         ]
         super().__init__(*layers)
