@@ -271,7 +271,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 #: model.activation: the ``torch.nn`` module of each name (named here, without torch, for the checks).
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, str] = {
     "relu": "ReLU",
     "tanh": "Tanh",
     "sigmoid": "Sigmoid",

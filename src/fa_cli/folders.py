@@ -1,6 +1,7 @@
 """Run folders: which config's run a folder holds, from its ``results.json`` or ``checkpoint.pt``, so
 that no run writes into another's; and the checkpoint that ``trainer.resume`` names, checked to be of
-the same config. Imports no torch until a checkpoint is read."""
+the same config; and the ``results.json`` of a run that failed before it started. Imports no torch
+until a checkpoint is read."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fa_cli.config import SAME_RUN_ANYWAY, ConfigError, RunConfig, flatten
-from fa_cli.files import CheckpointError, load_checkpoint
+from omegaconf import DictConfig, OmegaConf
 
-IDENTITY = ("method", "model", "dataset")  # with the seed, what names a run in results and tables
+from fa_cli.config import SAME_RUN_ANYWAY, ConfigError, RunConfig, describe, flatten
+from fa_cli.files import CheckpointError, load_checkpoint, write_json
+
+NAME_KEYS = ("method", "model", "dataset")  # with the seed, what names a run in results and tables
 
 
 class FolderTaken(ConfigError):
@@ -49,7 +52,7 @@ def read_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
     return checkpoint
 
 
-#: What :meth:`Run.restore` needs from a checkpoint.
+#: What :meth:`fa_cli.run.Run.restore` needs from a checkpoint.
 RESUME_KEYS = (
     "epoch", "model", "optimizer", "scheduler", "best_model", "best_epoch", "best_score", "history",
     "wall_seconds", "rng", "config",
@@ -93,13 +96,28 @@ def previous_run(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     return previous
 
 
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
-    """The keys whose values differ, as ``key: before -> now``, ignoring ``SAME_RUN_ANYWAY``; empty
+def record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], error: BaseException) -> None:
+    """A results.json that says the run failed (naming it from the raw config) for a run that failed
+    before it started, e.g. on a config error. A results.json already there is left as it is: either
+    the run itself recorded the failure, or it belongs to an earlier run in this folder."""
+    path = run_dir / "results.json"
+    if path.exists():
+        return
+    results = {key: OmegaConf.select(cfg, f"{key}.name", default=None) for key in NAME_KEYS}
+    results.update(seed=OmegaConf.select(cfg, "seed", default=None), overrides=overrides)
+    results.update(status="failed", error=describe(error), finished_at=now())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+
+
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The keys whose values differ, as ``key: before -> after``, ignoring ``SAME_RUN_ANYWAY``; empty
     when the two configs describe the same run. JSON round trips make tuples and lists alike."""
-    old, new = flatten(json.loads(json.dumps(before))), flatten(json.loads(json.dumps(now)))
+    old, new = flatten(json.loads(json.dumps(before))), flatten(json.loads(json.dumps(after)))
     keys = sorted(k for k in old.keys() | new.keys() if k not in SAME_RUN_ANYWAY and old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys)
 
 
 def now() -> str:
+    """results.json's time stamps: UTC, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -25,7 +25,8 @@ from fa_cli.config import (
 
 def _activation(name: str) -> nn.Module:
     """A new ``model.activation`` module: ``relu`` is ``nn.ReLU()`` (the names in ``fa_cli.config``)."""
-    return getattr(nn, ACTIVATIONS[name])()
+    module: type[nn.Module] = getattr(nn, ACTIVATIONS[name])
+    return module()
 
 
 class MLP(nn.Sequential):

@@ -34,7 +34,7 @@ from fa_cli.diagnostics import FIELDS as ALIGNMENT_FIELDS
 from fa_cli.diagnostics import Diagnostics
 from fa_cli.eval import attack_accuracies
 from fa_cli.files import BackgroundWrites, checkpoint_bytes, csv_text, write_csv, write_json
-from fa_cli.folders import IDENTITY, now, previous_run, read_checkpoint
+from fa_cli.folders import now, previous_run, read_checkpoint
 from fa_cli.logger import Trackers, Tracking
 from fa_cli.optim import build_optimizer, build_scheduler
 from fa_cli.plots import plot_run
@@ -561,8 +561,8 @@ def _results_table(results: dict[str, Any], run_dir: Path) -> Table:
     def number(value: float | None, unit: str = "", digits: int = 4) -> str:
         return "—" if value is None else f"{value:.{digits}f}{unit}"
 
-    title = " · ".join(str(results[key]) for key in IDENTITY)
-    table = Table(title=f"{title} · seed {results['seed']}", show_header=False)
+    title = f"{results['method']} · {results['model']} · {results['dataset']} · seed {results['seed']}"
+    table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("status", results["status"])

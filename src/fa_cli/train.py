@@ -7,8 +7,10 @@ A run directory holds Hydra's config (``.hydra/``), ``train.log``, ``metrics.csv
 ``checkpoint.pt`` and ``results.json``. Exit codes: 0 completed, 1 crashed, 2 bad config or data,
 3 diverged, 130 interrupted.
 
-This module imports no torch: a config or folder that cannot run is refused in well under a second,
-not after the seconds torch takes to load. :mod:`fa_cli.run` (torch) is imported once the checks pass.
+This module imports no torch, and :mod:`fa_cli.run` (which does) is imported only once the config
+and the run folder have passed their checks: a config or folder that cannot run is refused in under
+a second, not after the seconds torch takes to load. The checks that need torch itself load it: a
+CUDA device, a torchvision model's name, a checkpoint to read, and torchrun's process group.
 """
 
 from __future__ import annotations
@@ -43,8 +45,7 @@ from fa_cli.config import (
     sweep_jobs,
     validate,
 )
-from fa_cli.files import write_json
-from fa_cli.folders import IDENTITY, FolderTaken, now, previous_run
+from fa_cli.folders import FolderTaken, previous_run, record_failure
 from fa_cli.logger import Tracking
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ def _command(full_error: bool) -> None:
 @contextlib.contextmanager
 def _process_group() -> Iterator[None]:
     """Under torchrun, the command's process group, joined for the block, and this rank's files;
-    a single process needs neither (nor torch, before its config is checked)."""
+    a single process needs neither (nor torch, before its config is checked). Run by a caller that
+    set up a process group itself, without torchrun's variables, every rank writes Hydra's files
+    into the run folder; the run itself uses the group (:class:`fa_cli.distributed.World`)."""
     if not launcher.launched_by_torchrun():
         yield
         return
@@ -159,11 +162,11 @@ def hydra_main(cfg: DictConfig) -> str:
         run_cfg.trainer.threads = launcher.job_threads(run_cfg.trainer.threads, hydra_cfg.launcher)
         if sweep:
             check_sweep_job(run_cfg)
-        from fa_cli.run import train  # here, not at the top: torch loads only for a config that passed
+        from fa_cli import run  # here, not at the top: torch loads only for a config that passed
 
-        results = train(run_cfg, run_dir, overrides, tracking=Tracking.of(cfg, hydra_cfg))
+        results = run.train(run_cfg, run_dir, overrides, tracking=Tracking.of(cfg, hydra_cfg))
     except Exception as error:
-        _record_failure(run_dir, cfg, overrides, error)
+        record_failure(run_dir, cfg, overrides, error)
         if not sweep or isinstance(error, FolderTaken):
             if isinstance(error, ConfigError | DataError):
                 raise Abort(error) from error
@@ -177,24 +180,10 @@ def hydra_main(cfg: DictConfig) -> str:
     return str(results["status"])
 
 
-def _record_failure(run_dir: Path, cfg: DictConfig, overrides: list[str], error: BaseException) -> None:
-    """A results.json that says the run failed (naming it from the raw config) for a run that failed
-    before it started, e.g. on a config error. A results.json already there is left as it is: either
-    the run itself recorded the failure, or it belongs to an earlier run in this folder."""
-    path = run_dir / "results.json"
-    if path.exists():
-        return
-    results = {key: OmegaConf.select(cfg, f"{key}.name", default=None) for key in IDENTITY}
-    results.update(seed=OmegaConf.select(cfg, "seed", default=None), overrides=overrides)
-    results.update(status="failed", error=describe(error), finished_at=now())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)
-
-
 class RunFolders(Callback):
     """Checks the folders a run or a grid will write before Hydra writes there (the job's ``.hydra/``
     and log): each can be made, and none holds another config's run, which is left untouched.
-    (:func:`train` checks the latter again, for callers without Hydra and for sweepers that choose
+    (:func:`fa_cli.run.train` checks the latter again, for callers without Hydra and for sweepers that choose
     their jobs as they go.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -236,7 +225,7 @@ def _keep_other_run(config: DictConfig, folder: str | Path, context: str = "") -
     (Hydra's, with its ``hydra`` node). A config that does not validate is left to its run to report."""
     folder = Path(folder)
     if not any((folder / name).is_file() for name in ("results.json", "checkpoint.pt")):
-        return  # no run there (what _previous_run reads to tell whose it is)
+        return  # no run there (what previous_run reads to tell whose it is)
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     try:
         run = validate(task)
