@@ -45,7 +45,6 @@ import gc
 import io
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -71,6 +70,7 @@ from fa_cli import data, engine, models
 from fa_cli.alignment import METHODS, AlignmentLayer, convert, feedback, philox
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
+from fa_cli.run import cpu_model, seed_everything
 
 SECTIONS = ("steps", "settle", "limits", "parts", "epoch", "biotorch", "sweep", "overhead")
 #: The models of the step table: ``conf/model`` options, plus overrides for the 4x1024 MLP.
@@ -328,14 +328,6 @@ def ratio(q: tuple[float, float, float]) -> str:
 
 
 # --- the machine ---------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -1391,8 +1383,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     clock = CLOCKS[args.clock]
     # fa-train's own settings (trainer.deterministic, default true), set before CUDA starts: cuBLAS
     # reads its workspace setting once.
-    from fa_cli.run import seed_everything
-
     seed_everything(args.seed, deterministic=not args.nondeterministic)
     device = torch.device(args.device)
     output = output_file(args, device)

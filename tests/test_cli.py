@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from fa_cli.alignment import METHODS
+from fa_cli.run import cpu_model
 from runs import SMOKE, run_cli, run_code, start_cli
 
 RESULT_FIELDS = {
@@ -63,6 +65,8 @@ def test_a_run_writes_config_metrics_checkpoint_and_results(tmp_path):
         and results["test_loss"] > 0
     )
     assert 0 <= results["best_val_accuracy"] <= 100 and results["wall_seconds"] > 0
+    if not torch.cuda.is_available():  # what the wall time was measured on
+        assert results["device"] == f"cpu ({cpu_model()})"
     assert (
         results["train_examples"] == 540 and results["val_examples"] == 60 and results["test_examples"] == 200
     )
@@ -79,6 +83,13 @@ def test_a_run_writes_config_metrics_checkpoint_and_results(tmp_path):
         "with kp's feedback as the optimizer's second group"
     )
     assert not list(run_dir.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_the_cpu_is_named_by_its_model(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    assert cpu_model(tmp_path / "none") in (platform.processor(), platform.machine())  # not Linux
 
 
 def test_the_same_seed_gives_the_same_run(fa_train, tmp_path):

@@ -508,7 +508,17 @@ def _rng_state(batch_order: torch.Generator) -> dict[str, Any]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()})"
+    return f"cpu ({cpu_model()})"
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, as Linux gives it (``AMD EPYC 7B13``), for results.json and benchmarks: what
+    a run's wall time was measured on. Elsewhere, what Python knows (often only ``x86_64``)."""
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _epoch_line(r: engine.EpochRecord, epochs: int) -> str:
