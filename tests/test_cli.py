@@ -232,19 +232,22 @@ main()
         (["model.activation=relu2"], "model.activation: unknown value 'relu2' (did you mean relu?)"),
         (["model.init=glorot"], "model.init: unknown value 'glorot'; choose one of: default"),
         (["-m", "method=bp,fa", "optim.lr=0.1,0"], "optim.lr: must be > 0, got 0.0 (job method=bp"),
-        (["trainer.epochs=1"], "{run}: holds a run of another config ("),
+        (["trainer.epochs=1"], "{taken}: holds a run of another config ("),
+        (["trainer.resume=nowhere/run"], "trainer.resume: nowhere/run: no such file"),
+        (["trainer.resume=."], "trainer.resume: .: no checkpoint.pt in that folder"),
     ],
 )
 def test_bad_configs_and_taken_folders_are_refused_without_importing_torch(tmp_path, args, message):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "config": {"seed": 5}}))
+    taken = tmp_path / "taken"  # another config's run: the run folder of the case that names it
+    taken.mkdir()
+    (taken / "results.json").write_text(json.dumps({"status": "completed", "config": {"seed": 5}}))
+    run_dir = taken if "{taken}" in message else tmp_path / "run"
     folders = [f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = run_code(NO_TORCH, *args, *folders, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"fa-train: error: {message.format(run=run_dir)}"), lines
-    assert json.loads((run_dir / "results.json").read_text())["config"] == {"seed": 5}, "left as it was"
+    assert len(lines) == 1 and lines[0].startswith(f"fa-train: error: {message.format(taken=taken)}"), lines
+    assert json.loads((taken / "results.json").read_text())["config"] == {"seed": 5}, "left as it was"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -23,14 +23,21 @@ class FolderTaken(ConfigError):
     """The run folder holds another config's run: nothing is written into it."""
 
 
-def read_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
-    """The checkpoint that ``trainer.resume`` names (a run folder or its ``checkpoint.pt``), loaded with
-    ``weights_only=True`` and checked to be of this run's config. Raises :class:`ConfigError`."""
+def checkpoint_file(path: Path) -> Path:
+    """The file that ``trainer.resume`` names: ``path`` itself, or the ``checkpoint.pt`` in the run
+    folder ``path``. Raises :class:`ConfigError` when there is none; reads nothing (no torch)."""
     file = path / "checkpoint.pt" if path.is_dir() else path
     if not file.is_file():
         why = "no checkpoint.pt in that folder (the run stopped before its first epoch ended?)"
         what = why if path.is_dir() else "not a file" if path.exists() else "no such file"
         raise ConfigError("trainer.resume", f"{path}: {what}")
+    return file
+
+
+def read_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpoint that ``trainer.resume`` names (a run folder or its ``checkpoint.pt``), loaded with
+    ``weights_only=True`` and checked to be of this run's config. Raises :class:`ConfigError`."""
+    file = checkpoint_file(path)
     try:
         checkpoint = load_checkpoint(file)
     except CheckpointError as e:

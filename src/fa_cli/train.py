@@ -45,7 +45,7 @@ from fa_cli.config import (
     sweep_jobs,
     validate,
 )
-from fa_cli.folders import FolderTaken, previous_run, record_failure
+from fa_cli.folders import FolderTaken, checkpoint_file, previous_run, record_failure
 from fa_cli.logger import Tracking
 
 if TYPE_CHECKING:
@@ -162,6 +162,8 @@ def hydra_main(cfg: DictConfig) -> str:
         run_cfg.trainer.threads = launcher.job_threads(run_cfg.trainer.threads, hydra_cfg.launcher)
         if sweep:
             check_sweep_job(run_cfg)
+        if run_cfg.trainer.resume is not None:  # a mistyped path is told before torch loads, too
+            checkpoint_file(Path(run_cfg.trainer.resume))
         from fa_cli import run  # here, not at the top: torch loads only for a config that passed
 
         results = run.train(run_cfg, run_dir, overrides, tracking=Tracking.of(cfg, hydra_cfg))
