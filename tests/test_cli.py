@@ -78,7 +78,9 @@ def test_a_run_writes_config_metrics_checkpoint_and_results(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["best_epoch"] == results["best_epoch"]
     assert {"model", "optimizer", "scheduler", "best_model", "rng"} <= checkpoint.keys()
-    assert any(key.endswith("feedback") for key in checkpoint["model"]), "the rule's feedback is saved"
+    # kp under SGD keeps B as W plus a scale times B_0 - W_0 (fa_cli.alignment.train_feedback)
+    assert any(key.endswith("feedback_offset") for key in checkpoint["model"]), "the rule's feedback is saved"
+    assert any(key.endswith("offset_scale") for key in checkpoint["model"])
     assert len(checkpoint["optimizer"]["param_groups"]) == 2, (
         "with kp's feedback as the optimizer's second group"
     )

@@ -106,8 +106,10 @@ def _check_ddp_run(ddp_runs: Path, method: str) -> None:
     ddp, single = ddp_runs / f"{method}_rank0", ddp_runs / f"{method}_single"
     ddp_weights, single_weights = _final(ddp), _final(single)
     assert ddp_weights.keys() == single_weights.keys(), method
-    # the feedback buffers too: fixed ones stay equal, and kp's B follows W's averaged update
-    assert any(key.endswith("feedback") for key in ddp_weights) == (method != "bp"), method
+    # the feedback buffers too: fixed ones stay equal, and kp's B (under SGD its offset from W and the
+    # scale of it) follows W's averaged update
+    feedback = ("feedback_offset", "offset_scale") if method == "kp" else ("feedback",)
+    assert any(key.endswith(feedback) for key in ddp_weights) == (method != "bp"), method
     for key, value in single_weights.items():
         torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5, msg=f"{method}: {key}")
     # the epoch's numbers are summed over both ranks, so they are those of the whole split

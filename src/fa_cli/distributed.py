@@ -12,7 +12,8 @@ What DDP does not know about the learning rules is done here:
 - feedback matrices are buffers, and DDP broadcasts rank 0's buffers before every forward. They are
   excluded: they are equal by construction, dfa creates them at the first forward (so the set of
   buffers would change under DDP's feet) and a broadcast would only cost bandwidth. Kolen-Pollack's
-  ``B`` needs nothing more: its gradient is ``W``'s, averaged by DDP (``fa_cli.alignment.train_feedback``).
+  ``B`` needs nothing more: its gradient is ``W``'s, averaged by DDP, or in its offset form it is
+  rebuilt from ``W`` and a scale every rank trains alike (``fa_cli.alignment.train_feedback``).
 """
 
 from __future__ import annotations
@@ -156,7 +157,12 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
     device = next(model.parameters()).device
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    feedback = [f"{name}.feedback" for name, m in model.named_modules() if isinstance(m, AlignmentLayer)]
+    feedback = [
+        f"{name}.{buffer}"
+        for name, m in model.named_modules()
+        if isinstance(m, AlignmentLayer)
+        for buffer in ("feedback", "feedback_offset", "offset_scale")
+    ]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, feedback)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

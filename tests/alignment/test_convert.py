@@ -92,15 +92,18 @@ def test_kp_feedback_trains_with_the_optimizer_and_others_do_not():
     opt = torch.optim.SGD(fa.parameters(), lr=0.1)
     assert train_feedback(fa, opt) == [] and len(opt.param_groups) == 1
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
-    layer = Linear(6, 4, method="kp", seed=0)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    assert train_feedback(layer, opt) == [layer.feedback] == opt.param_groups[1]["params"]
-    w, b = layer.weight.detach().clone(), layer.feedback.clone()
-    layer(torch.randn(3, 6)).sum().backward()
-    opt.step()
-    # Same update for W and B: their difference does not change (no weight decay here).
-    torch.testing.assert_close(layer.feedback - b, layer.weight.detach() - w)
-    assert not torch.equal(layer.feedback, b)
+    for make, offset_form in ((lambda p: torch.optim.SGD(p, lr=0.1), True), (torch.optim.Rprop, False)):
+        layer = Linear(6, 4, method="kp", seed=0)
+        opt = make(layer.parameters())
+        (added,) = train_feedback(layer, opt)
+        assert opt.param_groups[1]["params"] == [added]
+        assert added is (layer.offset_form()[1] if offset_form else layer.feedback)
+        w, b = layer.weight.detach().clone(), layer.effective_feedback().clone()
+        layer(torch.randn(3, 6)).sum().backward()
+        opt.step()
+        # Same update for W and B: their difference does not change (no weight decay here).
+        torch.testing.assert_close(layer.effective_feedback() - b, layer.weight.detach() - w)
+        assert not torch.equal(layer.effective_feedback(), b)
 
 
 def test_metrics_angles():

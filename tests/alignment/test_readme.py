@@ -16,6 +16,7 @@ def test_library_section_examples_run():
         exec(compile(block, str(README), "exec"), namespace)
     model, kp = namespace["model"], namespace["kp"]
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    feedback = [m.feedback for m in kp if isinstance(m, (namespace["Conv2d"], namespace["Linear"]))]
-    added = namespace["optimizer"].param_groups[1]["params"]  # kp's optimizer: B in a group of its own
-    assert len(feedback) == len(added) == 2 and all(a is b for a, b in zip(added, feedback, strict=True))
+    # kp's optimizer (SGD): each layer's offset scale, in a group of its own
+    scales = [m.offset_form()[1] for m in kp if isinstance(m, (namespace["Conv2d"], namespace["Linear"]))]
+    added = namespace["optimizer"].param_groups[1]["params"]
+    assert len(scales) == len(added) == 2 and all(a is b for a, b in zip(added, scales, strict=True))

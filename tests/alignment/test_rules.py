@@ -309,12 +309,12 @@ def test_kp_feedback_gets_w_gradient_and_aligns_with_w():
     teacher = nn.Linear(10, 3)
     x = torch.randn(256, 10)
     y = teacher(x).argmax(1)
-    first = [angle(m.weight, m.feedback) for m in model if isinstance(m, Linear)]
+    first = [angle(m.weight, m.effective_feedback()) for m in model if isinstance(m, Linear)]
     for _ in range(300):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    last = [angle(m.weight, m.feedback) for m in model if isinstance(m, Linear)]
+    last = [angle(m.weight, m.effective_feedback()) for m in model if isinstance(m, Linear)]
     assert all(a > 80 for a in first)
     assert all(b < a - 20 for a, b in zip(first, last, strict=True)), (first, last)
 
@@ -327,29 +327,59 @@ def _kp_pair() -> tuple[nn.Module, nn.Module]:
     return convert(net, "kp", seed=0), convert(net, "kp", seed=0)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
+def _aligned(model: nn.Module) -> list[Linear | Conv2d]:
+    return [m for m in model.modules() if isinstance(m, (Linear, Conv2d))]
+
+
+def _assert_same_kp(model: nn.Module, reference: nn.Module, exact: bool) -> None:
+    # The reference trains B itself; model's B is its effective feedback in either form. Bit for bit
+    # where model trains B too; to float64 rounding where it rebuilds B from its offset.
+    for m, r in zip(_aligned(model), _aligned(reference), strict=True):
+        for a, b in ((m.weight, r.weight), (m.bias, r.bias), (m.effective_feedback(), r.feedback)):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+KP_OPTIMIZERS = {  # name: (optimizer, whether B - W moves by a scalar under it)
+    "sgd-nesterov": (
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, fused=True),
-        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2),
-        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-2, amsgrad=True),
+        True,
+    ),
+    "sgd-fused": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, fused=True), True),
+    "sgd-dampening": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=1e-2),
+        True,
+    ),
+    "sgd-maximize": (
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, maximize=True, foreach=False),
-    ],
-    ids=["sgd-nesterov", "sgd-fused", "adam", "adamw-amsgrad", "sgd-maximize"],
-)
+        True,
+    ),
+    "adamw-amsgrad": (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-1, amsgrad=True), True),
+    "adam-no-decay": (lambda p: torch.optim.Adam(p, lr=0.01), True),
+    "adam-l2-decay": (lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2), False),
+    "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5), False),
+}
+
+
+@pytest.mark.parametrize("name", list(KP_OPTIMIZERS))
 @pytest.mark.parametrize("clip", [False, True])
-def test_kp_feedback_takes_exactly_ws_update(make, clip):
+def test_kp_feedback_takes_exactly_ws_update(name, clip):
     # Reference written here: B in the optimizer, given a copy of W's gradient (clipped or not) just
-    # before each step. train_feedback must give B the same updates, bit for bit, and W's must not
-    # change because B's gradient is W's very tensor.
+    # before each step. train_feedback must give B the same updates: bit for bit where it trains B
+    # itself, to rounding where it keeps B - W as a scale times its start (and W with it, whose
+    # error went through that B).
+    make, offset_form = KP_OPTIMIZERS[name]
     model, reference = _kp_pair()
     opt, ref_opt = make(model.parameters()), make(reference.parameters())
-    train_feedback(model, opt)
-    layers = [m for m in reference.modules() if isinstance(m, (Linear, Conv2d))]
+    added = train_feedback(model, opt)
+    assert [t.shape for t in added] == [() if offset_form else m.weight.shape for m in _aligned(model)]
+    assert all((m.offset_form() is not None) == offset_form for m in _aligned(model))
+    layers = _aligned(reference)
     ref_opt.add_param_group({"params": [m.feedback for m in layers]})
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    for _ in range(4):
+    for _ in range(8):
         for m, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
@@ -359,20 +389,107 @@ def test_kp_feedback_takes_exactly_ws_update(make, clip):
                 for layer in layers:
                     layer.feedback.grad = layer.weight.grad.clone()
             o.step()
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert all(m.feedback.grad is None for m in model.modules() if isinstance(m, (Linear, Conv2d)))
+    _assert_same_kp(model, reference, exact=not offset_form)
+    assert all(t.grad is None for t in added)
+    assert not torch.equal(layers[0].feedback, _kp_pair()[1][0].feedback)  # B did learn
+
+
+def test_kp_offset_form_keeps_offset_and_scale_in_the_state_dict_and_loads_either_form():
+    model = _kp_pair()[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    train_feedback(model, opt)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = model.state_dict()
+    assert [k for k in state if k.startswith("3.")] == [
+        "3.weight", "3.bias", "3.feedback_offset", "3.offset_scale"
+    ]  # fmt: skip
+    assert 0 < state["3.offset_scale"].item() < 1  # the decay has shrunk B - W
+    matrices = [m.effective_feedback() for m in _aligned(model)]
+    # Into a model that holds B itself (converted, never given to train_feedback), and back.
+    plain = _kp_pair()[0]
+    plain.load_state_dict(state)
+    assert all(m.offset_form() is None for m in _aligned(plain))
+    for m, b in zip(_aligned(plain), matrices, strict=True):
+        torch.testing.assert_close(m.feedback, b, rtol=0, atol=1e-15)
+    again = _kp_pair()[0]
+    train_feedback(again, torch.optim.SGD(again.parameters(), lr=0.1))
+    again.load_state_dict(plain.state_dict())
+    for m, b in zip(_aligned(again), matrices, strict=True):
+        assert m.offset_form()[1].item() == 1.0
+        torch.testing.assert_close(m.effective_feedback(), b, rtol=0, atol=1e-15)
+
+
+def test_kp_optimizer_state_of_the_other_form_and_decay_given_to_adam_later_are_refused():
+    model = _kp_pair()[0]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+
+    def trained(opt):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return opt
+
+    matrix_form = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # B trained by hand
+    matrix_form.add_param_group({"params": [m.feedback for m in _aligned(model)]})
+    F.cross_entropy(model(x), y).backward()
+    for m in _aligned(model):
+        m.feedback.grad = m.weight.grad
+    matrix_form.step()
+    state = matrix_form.state_dict()  # momentum buffers of B's shape in group 1
+    for m in _aligned(model):
+        m.feedback.grad = None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_feedback(model, opt)
+    with pytest.raises(ValueError, match="'momentum_buffer' of shape \\(3, 1, 3, 3\\) for a tensor of shape"):
+        opt.load_state_dict(state)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    train_feedback(model, adam)
+    trained(adam)
+    for group in adam.param_groups:
+        group["weight_decay"] = 1e-2
+    with pytest.raises(RuntimeError, match="no longer keep B - W a multiple of its start"):
+        trained(adam)
+
+
+def test_kp_layer_leaves_the_offset_form_with_the_same_b_and_reset_starts_it_again():
+    model = _kp_pair()[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    train_feedback(model, opt)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    matrices = [m.effective_feedback() for m in _aligned(model)]
+    adam = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-2)  # B itself must learn
+    assert train_feedback(model, adam) == [m.feedback for m in _aligned(model)]
+    for m, b in zip(_aligned(model), matrices, strict=True):
+        assert m.offset_form() is None and torch.equal(m.feedback, b)
+    assert list(model.state_dict())[:3] == ["0.weight", "0.bias", "0.feedback"]
+    layer = Linear(6, 4, method="kp", seed=0)
+    train_feedback(layer, torch.optim.SGD(layer.parameters(), lr=0.1))
+    scale = layer.offset_form()[1]
+    scale.fill_(0.5)
+    layer.reset_feedback()
+    assert layer.offset_form()[1] is scale and scale.item() == 1.0
+    torch.testing.assert_close(
+        layer.effective_feedback(), Linear(6, 4, method="kp", seed=0).feedback, rtol=0, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["", "after-load_state_dict"])
 def test_kp_feedback_follows_its_own_weights_group_settings(resume):
     # Weights in groups of their own settings (one changed by hand between steps, as a schedule
     # would; after the optimizer is rebuilt from its state_dict, as on resuming), and one layer's W
-    # not in the optimizer at all: each B must take exactly the update of a reference B placed in its
-    # W's group, and the untrained W's B must stay as it is.
+    # not in the optimizer at all: each B must take the update of a reference B placed in its W's
+    # group, and the untrained W's B must stay as it is.
     model, reference = _kp_pair()
-    conv, first, last = (m for m in model.modules() if isinstance(m, (Linear, Conv2d)))
-    ref_conv, ref_first, ref_last = (m for m in reference.modules() if isinstance(m, (Linear, Conv2d)))
+    conv, first, last = _aligned(model)
+    ref_conv, ref_first, ref_last = _aligned(reference)
 
     def optimizer(conv, first, last, feedback=False):
         return torch.optim.SGD(
@@ -392,8 +509,10 @@ def test_kp_feedback_follows_its_own_weights_group_settings(resume):
         )
 
     opt, ref_opt = optimizer(conv, first, last), optimizer(ref_conv, ref_first, ref_last, feedback=True)
-    assert train_feedback(model, opt) == [conv.feedback, first.feedback]
-    untrained, first_before = last.feedback.clone(), first.feedback.clone()
+    added = train_feedback(model, opt)
+    assert len(added) == 2 and added[0] is conv.offset_form()[1] and added[1] is first.offset_form()[1]
+    assert last.offset_form() is None
+    untrained, first_before = last.feedback.clone(), first.effective_feedback()
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     for step in range(4):
         if step == 2:
@@ -411,45 +530,55 @@ def test_kp_feedback_follows_its_own_weights_group_settings(resume):
                 for layer in (ref_conv, ref_first):
                     layer.feedback.grad = layer.weight.grad.clone()
             o.step()
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert not torch.equal(first.feedback, first_before)  # B did learn
+    _assert_same_kp(model, reference, exact=False)
+    assert 0 < first.offset_form()[1].item() < conv.offset_form()[1].item() < 1  # first's decay is 10x
+    assert not torch.equal(first.effective_feedback(), first_before)  # B did learn
     assert torch.equal(last.feedback, untrained)
 
 
 def test_kp_feedback_of_named_parameters_is_named_after_its_weight():
-    model = _kp_pair()[0]
-    opt = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
-    added = train_feedback(model, opt)
-    assert opt.param_groups[1]["params"] == added
-    assert opt.param_groups[1]["param_names"] == ["0.feedback", "3.feedback", "5.feedback"]
-    assert opt.state_dict()["param_groups"][1]["param_names"] == ["0.feedback", "3.feedback", "5.feedback"]
-    with pytest.raises(ValueError, match="already holds kp feedback"):
-        train_feedback(model, opt)
+    for make, learned in (
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "offset_scale"),
+        (lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=1e-3), "feedback"),
+    ):
+        model = _kp_pair()[0]
+        opt = make(model.named_parameters())
+        added = train_feedback(model, opt)
+        assert opt.param_groups[1]["params"] == added
+        names = [f"{i}.{learned}" for i in (0, 3, 5)]
+        assert opt.param_groups[1]["param_names"] == names
+        assert opt.state_dict()["param_groups"][1]["param_names"] == names
+        with pytest.raises(ValueError, match="already holds kp feedback"):
+            train_feedback(model, opt)
 
 
 def test_kp_feedback_gradient_is_unscaled_once_under_a_grad_scaler():
-    # GradScaler.unscale_ walks the optimizer's gradients: B.grad is None then, so W's gradient (which
-    # B takes at the step) is unscaled once. With a power-of-two scale the result is exactly the
+    # GradScaler.unscale_ walks the optimizer's gradients: B.grad (or the offset scale's) is None
+    # then, so W's gradient is unscaled once. With a power-of-two scale the result is exactly the
     # unscaled run's.
-    model, reference = _kp_pair()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-    train_feedback(model, opt)
-    train_feedback(reference, ref_opt)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    for _ in range(3):
-        opt.zero_grad(set_to_none=False)  # W.grad is kept and accumulated into in place
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
-        scaler.unscale_(opt)
-        scaler.step(opt)
-        scaler.update()
-        ref_opt.zero_grad(set_to_none=False)
-        F.cross_entropy(reference(x), y).backward()
-        ref_opt.step()
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    for make in (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2),
+    ):
+        model, reference = _kp_pair()
+        opt, ref_opt = make(model.parameters()), make(reference.parameters())
+        train_feedback(model, opt)
+        train_feedback(reference, ref_opt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)  # W.grad is kept and accumulated into in place
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            ref_opt.zero_grad(set_to_none=False)
+            F.cross_entropy(reference(x), y).backward()
+            ref_opt.step()
+        state, ref_state = model.state_dict(), reference.state_dict()
+        assert list(state) == list(ref_state)
+        for (name, a), b in zip(state.items(), ref_state.values(), strict=True):
+            assert torch.equal(a, b), name
 
 
 def test_bp_is_plain_autograd_bit_for_bit():

@@ -44,7 +44,7 @@ def convert(
 
     ``shallow`` freezes every parameter (``requires_grad=False``) except the output layer's: the
     last converted layer in module order. For ``kp``, have the optimizer train the feedback too:
-    ``train_feedback(model, optimizer)``.
+    ``train_feedback(model, optimizer)``; until then ``B`` stays as drawn.
     """
     check_method(method)
     check_init(init)
@@ -75,77 +75,161 @@ def convert(
 def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """Have ``optimizer`` train the feedback of ``model``'s Kolen-Pollack layers by ``W``'s update rule.
 
-    The ``B``s of the weights in each of ``optimizer``'s parameter groups join it in a group of their
-    own that takes that group's settings before every step (learning rate and schedule, momentum,
-    weight decay: the decay is what makes ``B`` converge to ``W``), so each ``B`` follows its own
-    ``W``'s settings even where groups differ, and after ``optimizer.load_state_dict``. At every step
-    ``B``'s gradient is its ``W``'s: the very tensor, as the step finds it, so ``B`` gets ``W``'s
-    update after whatever clipping, unscaling or averaging over processes ``W``'s gradient went
-    through. Between steps ``B.grad`` is None, so nothing that walks the optimizer's gradients
-    (``GradScaler.unscale_``, clipping) meets ``W``'s twice. A ``B`` whose ``W`` the optimizer does
-    not train stays as it is, as its ``W`` does. Returns the feedback tensors added, in the order of
-    ``model.modules()``: empty for every other rule, or when the optimizer trains no kp ``W``, and then
-    ``optimizer`` is left as it was.
+    Each ``B`` gets exactly the update ``optimizer`` gives its ``W``, from ``W``'s gradient: learning
+    rate and schedule, momentum, weight decay (the decay is what makes ``B`` converge to ``W``), each
+    ``W``'s own group's settings where groups differ, also after ``optimizer.load_state_dict``, and
+    after whatever clipping, unscaling or averaging over processes ``W``'s gradient went through. A
+    ``B`` whose ``W`` the optimizer does not train stays as it is, as its ``W`` does.
+
+    Two forms, with the same ``B`` (see :mod:`fa_cli.alignment.feedback`):
+
+    - **offset**, where the difference ``B - W`` provably moves by a scalar alone: ``torch.optim.SGD``
+      with any settings, ``AdamW``, and ``Adam`` without weight decay. Each layer then keeps
+      ``feedback_offset`` (``B - W`` now) and ``offset_scale`` (1 now), the optimizer trains the scale
+      with a gradient of 0 and its ``W``'s settings, and each backward rebuilds ``B = W + scale *
+      offset``: no optimizer pass over ``B``. The optimizer's settings are checked again before every
+      step, and a step whose settings leave the offset form (weight decay given to Adam) is refused.
+    - **matrix**, under any other optimizer: ``B`` joins the optimizer, and at every step its gradient
+      is its ``W``'s, the very tensor as the step finds it. Between steps ``B.grad`` is None, so
+      nothing that walks the optimizer's gradients (``GradScaler.unscale_``, clipping) meets ``W``'s
+      twice.
+
+    The tensors added to ``optimizer`` form a group of their own per group of ``W``s, which takes that
+    group's settings before every step. Returns them (each layer's ``offset_scale``, or its ``B``), in
+    the order of ``model.modules()``: empty for every other rule, or when the optimizer trains no kp
+    ``W``, and then ``optimizer`` is left as it was.
     """
-    pairs = [
-        (m.weight, m.feedback)
+    layers = [
+        m
         for m in model.modules()
         if isinstance(m, AlignmentLayer) and m.method == "kp" and m.feedback is not None
     ]
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if any(id(b) in held for _, b in pairs):
+    if any(id(t) in held for m in layers for t in (m.feedback, *(m.offset_form() or ()))):
         raise ValueError("train_feedback: the optimizer already holds kp feedback (called twice?)")
-    companions, trained = [], set()
+    offset_form = _moves_by_a_scalar(optimizer)
+    companions, trained = [], []
     for index, group in enumerate(list(optimizer.param_groups)):
         position = {id(p): i for i, p in enumerate(group["params"])}
-        feedback = [(position[id(w)], b) for w, b in pairs if id(w) in position]
-        if not feedback:
+        mine = [(position[id(m.weight)], m) for m in layers if id(m.weight) in position]
+        if not mine:
             continue
-        params: list = [b for _, b in feedback]
-        if "param_names" in group:  # an optimizer built from named_parameters(): name B after its W
+        for _, m in mine:
+            m._take_offset_form() if offset_form else m._leave_offset_form()
+        added = [(i, _learned(m)) for i, m in mine]
+        params: list = [t for _, t in added]
+        if "param_names" in group:  # an optimizer built from named_parameters(): name them after W
             names = group["param_names"]
-            params = [(_feedback_name(names[i]), b) for i, b in feedback]
+            params = [(_learned_name(names[i], offset_form), t) for i, t in added]
         optimizer.add_param_group({**_settings(group), "params": params})
         # Indices, not the group dicts: load_state_dict puts new dicts in the same places.
         companions.append((index, len(optimizer.param_groups) - 1))
-        trained |= {id(b) for _, b in feedback}
-    pairs = [(w, b) for w, b in pairs if id(b) in trained]
-    if pairs:
-        gradients = _SharedGradients(pairs, companions)
-        optimizer.register_step_pre_hook(gradients.lend)
-        optimizer.register_step_post_hook(gradients.take_back)
-    return [b for _, b in pairs]
+        trained += [m for _, m in mine]
+    trained.sort(key=layers.index)
+    if trained:
+        hooks = _OffsetSteps(trained, companions) if offset_form else _SharedGradients(trained, companions)
+        optimizer.register_step_pre_hook(hooks.lend)
+        optimizer.register_step_post_hook(hooks.take_back)
+        optimizer.register_load_state_dict_post_hook(_StateOf([_learned(m) for m in trained]))
+    return [_learned(m) for m in trained]
+
+
+def _moves_by_a_scalar(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether, under ``optimizer``, ``B - W`` (same gradient, same settings) moves by a scalar: for
+    SGD and AdamW the update is linear in the parameter and its state wherever the gradients are the
+    same, and Adam's only term in the parameter is its (L2) weight decay."""
+    if type(optimizer) in (torch.optim.SGD, torch.optim.AdamW):
+        return True
+    if type(optimizer) is torch.optim.Adam:
+        return all(g["weight_decay"] == 0 or g.get("decoupled_weight_decay") for g in optimizer.param_groups)
+    return False
+
+
+def _learned(layer: AlignmentLayer) -> Tensor:
+    form = layer.offset_form()
+    assert layer.feedback is not None
+    return form[1] if form is not None else layer.feedback
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in group.items() if key not in ("params", "param_names")}
 
 
-def _feedback_name(weight_name: str) -> str:
+def _learned_name(weight_name: str, offset_form: bool) -> str:
     prefix, _, last = weight_name.rpartition(".")
-    return f"{prefix}.feedback" if last == "weight" and prefix else f"{weight_name}.feedback"
+    name = "offset_scale" if offset_form else "feedback"
+    return f"{prefix}.{name}" if last == "weight" and prefix else f"{weight_name}.{name}"
 
 
 class _SharedGradients:
-    """The optimizer step hooks of :func:`train_feedback`: ``B.grad`` is ``W.grad`` for the step, and
-    each group of ``B``s has its ``W``s' group's settings."""
+    """The optimizer step hooks of :func:`train_feedback`'s matrix form: ``B.grad`` is ``W.grad`` for
+    the step, and each group of ``B``s has its ``W``s' group's settings."""
 
-    def __init__(self, pairs: list[tuple[Tensor, Tensor]], companions: list[tuple[int, int]]) -> None:
-        self.pairs, self.companions = pairs, companions
+    def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
+        self.pairs = [(m.weight, m.feedback) for m in layers]
+        self.companions = companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         # The same tensor, not a copy: copying every W's gradient cost a pass over memory each step
         # (docs/PERFORMANCE.md, seventh round).
         for weight, feedback in self.pairs:
-            feedback.grad = weight.grad
-        # Settings changed since the last step (a schedule, or by hand) reach B too.
-        groups = optimizer.param_groups
-        for weights, feedback in self.companions:
-            groups[feedback].update(_settings(groups[weights]))
+            feedback.grad = weight.grad  # type: ignore[union-attr]
+        _follow_settings(optimizer, self.companions)
 
     def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         for _, feedback in self.pairs:
-            feedback.grad = None
+            feedback.grad = None  # type: ignore[union-attr]
+
+
+class _OffsetSteps:
+    """The optimizer step hooks of :func:`train_feedback`'s offset form: each ``offset_scale`` steps,
+    with a gradient of 0, where its ``W`` steps (it has a gradient), with its ``W``'s group's
+    settings."""
+
+    def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
+        self.pairs = [(m.weight, _learned(m)) for m in layers]
+        self.zeros = [torch.zeros_like(scale) for _, scale in self.pairs]
+        self.companions = companions
+
+    def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        _follow_settings(optimizer, self.companions)
+        if not _moves_by_a_scalar(optimizer):
+            raise RuntimeError(
+                "kp: this optimizer's settings no longer keep B - W a multiple of its start (weight "
+                "decay on Adam?); build the optimizer with them before train_feedback"
+            )
+        for (weight, scale), zero in zip(self.pairs, self.zeros, strict=True):
+            scale.grad = zero if weight.grad is not None else None
+
+    def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        for _, scale in self.pairs:
+            scale.grad = None
+
+
+class _StateOf:
+    """After ``optimizer.load_state_dict``: refuses a state saved for kp's feedback in its other form
+    (``B`` itself, or its offset scale), whose moments have the other's shape."""
+
+    def __init__(self, learned: list[Tensor]) -> None:
+        self.learned = learned
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        for tensor in self.learned:
+            for key, value in optimizer.state.get(tensor, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.shape != tensor.shape:
+                    raise ValueError(
+                        f"the optimizer state loaded has kp feedback's {key!r} of shape {tuple(value.shape)}"
+                        f" for a tensor of shape {tuple(tensor.shape)}: it trained B in the other form "
+                        "(B itself, or its offset from W; see fa_cli.alignment.train_feedback), under "
+                        "another optimizer or an older fa-cli"
+                    )
+
+
+def _follow_settings(optimizer: torch.optim.Optimizer, companions: list[tuple[int, int]]) -> None:
+    # Settings changed since the last step (a schedule, or by hand) reach the feedback's groups too.
+    groups = optimizer.param_groups
+    for weights, feedback in companions:
+        groups[feedback].update(_settings(groups[weights]))
 
 
 def _infer_num_classes(model: nn.Module) -> int:

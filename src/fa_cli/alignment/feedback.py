@@ -1,6 +1,7 @@
 """How each rule builds the feedback matrix it sends errors through.
 
-Every rule stores one tensor per layer, the layer's ``feedback`` buffer:
+Every rule stores one tensor per layer, the layer's ``feedback`` buffer (kp in its offset form, below,
+stores two):
 
 ========  ===========================  =================================================  ==========
 rule      ``feedback`` holds           matrix the error goes through (``effective``)      changes
@@ -19,6 +20,21 @@ in place (:func:`take_signs`, called by :mod:`fa_cli.alignment.functional`), so 
 buffer is the matrix the last error went through, and ``effective`` is the one for ``W`` as it is now.
 brsf in training draws the whole matrix there instead, fresh magnitudes and W's signs in one pass
 (:func:`redraw_feedback`).
+
+kp has a second, offset form. Kolen-Pollack gives ``B`` the update the optimizer gives ``W``, from the same
+gradient, so the difference ``B - W`` sees no gradient at all: only weight decay moves it. Under
+SGD (momentum, dampening, Nesterov, weight decay, any learning-rate schedule) the update is linear in
+the parameter, its momentum and the gradient, so ``B_t - W_t = s_t (B_0 - W_0)`` exactly, with ``s_t``
+what the same optimizer makes of a scalar that starts at 1 and whose gradient is always 0; under AdamW
+(decoupled decay) too, and under Adam without weight decay ``s`` stays 1. There
+:func:`fa_cli.alignment.train_feedback` keeps ``D = B_0 - W_0`` (``feedback_offset``) and ``s``
+(``offset_scale``, the one tensor it trains) instead of ``B`` and its optimizer state, and a backward
+rebuilds ``B`` from them right before its error goes through it (:func:`rebuild_from_offset`): one
+pass over ``W`` and ``D``, as usf's ``copysign_`` is one pass, where training ``B`` took the
+optimizer's pass over ``B``, its gradient and momentum, for every layer, the first included (whose
+``B`` no error goes through). ``feedback`` is then the matrix of the last backward, like brsf's, and
+not part of ``state_dict``. Under other optimizers (Adam with L2 weight decay: the decay goes through
+Adam's normalisation) ``B`` itself is trained, as the table's kp row says.
 
 Scales. A random ``B`` is drawn from the distribution PyTorch initialises the weight of a fresh
 ``nn.Linear``/``nn.ConvNd`` with, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, so that at initialisation the
@@ -149,6 +165,14 @@ def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
     from fa_cli.alignment import philox
 
     philox.signed_uniform_(feedback.data, weight.data, bound, philox.draw_key())
+
+
+def rebuild_from_offset(feedback: Tensor, weight: Tensor, offset: Tensor, scale: Tensor) -> None:
+    """kp in its offset form: ``feedback`` becomes ``W + scale * offset`` (``B`` as the optimizer has
+    trained it), in place, in one pass. Called by the backward right before its matmul reads
+    ``feedback`` (as :func:`take_signs` is), and written through ``.data`` as it writes."""
+    # weight, offset, feedback: the weight's shape; scale: a 0-d tensor (no host sync on CUDA).
+    torch.addcmul(weight.data, offset, scale, out=feedback.data)
 
 
 def take_signs(feedback: Tensor, weight: Tensor) -> None:

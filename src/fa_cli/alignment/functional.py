@@ -10,8 +10,9 @@ replaces the third:
 - feedback alignment and its relatives (fa, usf, brsf, frsf, kp): ``dL/dy = delta B`` with a
   feedback matrix ``B`` of the weight's shape (the report's ``B_{i+1}`` in place of ``W_{i+1}^T``);
   for the sign-concordant ones the backward first gives ``B`` the signs of ``W`` (brsf in training
-  draws the whole ``B`` there, fresh magnitudes with ``W``'s signs). kp's ``B`` learns too, but not
-  here: the optimizer gives it ``W``'s gradient at each step (:func:`fa_cli.alignment.train_feedback`);
+  draws the whole ``B`` there, fresh magnitudes with ``W``'s signs, and kp in its offset form rebuilds
+  ``B = W + s (B_0 - W_0)`` there). kp's ``B`` learns too, but not here: the optimizer gives it ``W``'s
+  update at each step (:func:`fa_cli.alignment.train_feedback`);
 - direct feedback alignment (dfa): ``dL/dy = e B_dfa``, the output error ``e`` projected straight to
   the layer's input. That projection is computed once for all layers by :mod:`fa_cli.alignment.dfa`,
   so the backward here only looks it up: no ``delta W`` work is done at all.
@@ -21,6 +22,7 @@ The forward passes are exactly PyTorch's ``F.linear`` and ``F.conv{1,2,3}d``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,16 +48,25 @@ def _linear_param_grads(
     return grad_weight, grad_bias
 
 
-def _make_feedback(ctx: Any, feedback: Tensor) -> None:
-    # Right before the error goes through B, and only when an error goes down at all (a first
-    # layer's backward needs no B): usf and frsf give B the signs of W as it is now; brsf in training
-    # draws this batch's B, fresh magnitudes with those signs, in the same place.
-    if ctx.signs_of is None or not ctx.needs_input_grad[0]:
-        return
-    if ctx.redraw is not None:
-        fb.redraw_feedback(feedback, ctx.signs_of, ctx.redraw)
-    else:
-        fb.take_signs(feedback, ctx.signs_of)
+@dataclass(frozen=True)
+class Remake:
+    """How a backward remakes ``feedback`` right before its error goes through it, from ``W`` as it is
+    then: usf and frsf give it W's signs; brsf in training (``redraw``, the bound of the magnitudes)
+    draws this batch's matrix, fresh magnitudes with those signs, in the same place; kp in its offset
+    form (``offset``: ``feedback_offset`` and ``offset_scale``) rebuilds ``B = W + scale * offset``.
+    Only when an error goes down at all: a first layer's backward needs no ``B``."""
+
+    weight: Tensor
+    redraw: float | None = None
+    offset: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, feedback: Tensor) -> None:
+        if self.offset is not None:
+            fb.rebuild_from_offset(feedback, self.weight, *self.offset)
+        elif self.redraw is not None:
+            fb.redraw_feedback(feedback, self.weight, self.redraw)
+        else:
+            fb.take_signs(feedback, self.weight)
 
 
 class LinearFeedback(Function):
@@ -68,25 +79,25 @@ class LinearFeedback(Function):
         weight: Tensor,
         bias: Tensor | None,
         feedback: Tensor,
-        sign_concordant: bool,
-        redraw: float | None,
+        remake: Remake | None,
     ) -> Tensor:
-        # input (*, in), weight (out, in), bias (out,), feedback (out, in) -> output (*, out);
-        # redraw: brsf in training, the bound of the magnitudes the backward draws into feedback.
+        # input (*, in), weight (out, in), bias (out,), feedback (out, in) -> output (*, out)
         ctx.save_for_backward(input, feedback)
         ctx.has_bias = bias is not None
-        ctx.signs_of = weight if sign_concordant else None  # W as it is at backward time
-        ctx.redraw = redraw
+        ctx.remake = remake
         return F.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
-        _make_feedback(ctx, feedback)
-        # (*, out) @ (out, in) -> (*, in): the error goes down through B, not W.
-        grad_input = grad_output.matmul(feedback) if ctx.needs_input_grad[0] else None
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            if ctx.remake is not None:
+                ctx.remake(feedback)
+            # (*, out) @ (out, in) -> (*, in): the error goes down through B, not W.
+            grad_input = grad_output.matmul(feedback)
         grad_weight, grad_bias = _linear_param_grads(ctx, grad_output, input, ctx.has_bias)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 class LinearDirect(Function):
@@ -129,23 +140,22 @@ class ConvFeedback(Function):
         padding: tuple[int, ...],
         dilation: tuple[int, ...],
         groups: int,
-        sign_concordant: bool,
-        redraw: float | None,
+        remake: Remake | None,
     ) -> Tensor:
         # input (N, C_in, *S), weight (C_out, C_in / groups, *K), feedback like weight
-        # -> output (N, C_out, *S_out); redraw as in LinearFeedback
+        # -> output (N, C_out, *S_out)
         ctx.save_for_backward(input, feedback)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.signs_of = weight if sign_concordant else None  # W as it is at backward time
-        ctx.redraw = redraw
+        ctx.remake = remake
         return _CONV[input.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         input, feedback = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        _make_feedback(ctx, feedback)
+        if ctx.remake is not None and ctx.needs_input_grad[0]:
+            ctx.remake(feedback)
         # One fused call: the input gradient is computed with B in the weight's place; the weight
         # and bias gradients depend only on the input and grad_output, so they are the usual ones.
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
@@ -153,7 +163,7 @@ class ConvFeedback(Function):
             grad_output, input, feedback, ctx.bias_sizes, stride, padding, dilation,
             False, [0] * len(stride), groups, mask,
         )  # fmt: skip
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class ConvDirect(Function):

@@ -11,7 +11,9 @@ the same); only the backward changes, by ``method``:
   converted with ``convert(model, "dfa")`` so the error is captured (see :mod:`fa_cli.alignment.dfa`).
 
 ``feedback`` is a buffer: in ``state_dict`` and moved by ``.to()``, never returned by
-``parameters()``. Overwrite it in place (``layer.feedback.copy_(B)``) to use a matrix of your own.
+``parameters()``. Overwrite it in place (``layer.feedback.copy_(B)``) to use a matrix of your own (for
+kp, before :func:`fa_cli.alignment.train_feedback`, which may put it in its offset form: the buffers
+``feedback_offset`` and ``offset_scale`` then hold it, see :mod:`fa_cli.alignment.feedback`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from fa_cli.alignment import feedback as fb
 from fa_cli.alignment.dfa import Projection, current_pass
 from fa_cli.alignment.exact import rules_active
-from fa_cli.alignment.functional import ConvDirect, ConvFeedback, LinearDirect, LinearFeedback
+from fa_cli.alignment.functional import ConvDirect, ConvFeedback, LinearDirect, LinearFeedback, Remake
 from fa_cli.alignment.names import METHODS
 
 PROJECTIONS = ("full", "channel")
@@ -73,7 +75,9 @@ class AlignmentLayer:
         self.reset_feedback()
 
     def reset_feedback(self) -> None:
-        """Draw the feedback again from the layer's seed (dfa's is drawn at the next forward)."""
+        """Draw the feedback again from the layer's seed (dfa's is drawn at the next forward). A kp
+        layer in its offset form starts again from the new ``B``: ``feedback_offset`` becomes
+        ``B - W`` and ``offset_scale`` 1."""
         feedback = None
         if self.method in fb.WEIGHT_SHAPED:
             feedback = fb.initial_feedback(self.method, self.weight, self.scale, self._generator(), self.init)
@@ -81,14 +85,53 @@ class AlignmentLayer:
             self.feedback = feedback
         else:
             self.register_buffer("feedback", feedback)  # type: ignore[attr-defined]
+        form = self.offset_form()
+        if form is not None:  # in place: the optimizer holds offset_scale
+            with torch.no_grad():
+                form[0].copy_(self.feedback - self.weight)
+                form[1].fill_(1.0)
 
     def effective_feedback(self) -> Tensor | None:
         """The matrix errors go through now: ``B`` (fa, kp), ``sign(W) * |feedback|`` (usf, frsf,
         brsf), the projection ``(num_classes, *input)`` (dfa), or None (bp, shallow). For brsf it is
         the one the last error went through: each backward in training draws its own."""
+        offset = self.offset_form()
+        if offset is not None:
+            return torch.addcmul(self.weight.detach(), *offset)
         if self.feedback is None:
             return None
         return fb.effective(self.method, self.weight, self.feedback)
+
+    def offset_form(self) -> tuple[Tensor, Tensor] | None:
+        """kp in its offset form: ``(feedback_offset, offset_scale)``, with ``B = W + offset_scale *
+        feedback_offset``; None for every other layer."""
+        buffers = self._buffers  # type: ignore[attr-defined]
+        if "feedback_offset" not in buffers:
+            return None
+        return buffers["feedback_offset"], buffers["offset_scale"]
+
+    def _take_offset_form(self) -> None:
+        """kp: keep ``B`` as ``W + offset_scale * feedback_offset`` from now on (see
+        :mod:`fa_cli.alignment.feedback`). ``feedback`` stays, out of ``state_dict``, as the matrix the
+        last backward rebuilt. A layer already in that form keeps its offset and scale."""
+        assert self.method == "kp" and self.feedback is not None
+        if self.offset_form() is not None:
+            return
+        with torch.no_grad():
+            offset = self.feedback - self.weight
+        self.register_buffer("feedback_offset", offset)  # type: ignore[attr-defined]
+        self.register_buffer("offset_scale", torch.ones((), dtype=offset.dtype, device=offset.device))  # type: ignore[attr-defined]
+        self._non_persistent_buffers_set.add("feedback")  # type: ignore[attr-defined]
+
+    def _leave_offset_form(self) -> None:
+        """kp: hold ``B`` itself again (``feedback``, in ``state_dict``), as it is now."""
+        if self.offset_form() is None:
+            return
+        assert self.feedback is not None
+        with torch.no_grad():
+            self.feedback.copy_(self.effective_feedback())  # type: ignore[arg-type]
+        del self._buffers["feedback_offset"], self._buffers["offset_scale"]  # type: ignore[attr-defined]
+        self._non_persistent_buffers_set.discard("feedback")  # type: ignore[attr-defined]
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.feedback_seed)
@@ -109,15 +152,20 @@ class AlignmentLayer:
         if self.method == "dfa" and self.feedback is None and rules_active():
             self._direct_ticket(input)
 
-    def _feedback_args(self) -> tuple[Tensor, bool, float | None]:
-        """What the rule's Function needs to send errors through ``feedback``: the buffer; whether its
-        backward gives it W's signs first (usf, frsf, brsf); and for brsf in training, the bound of the
-        fresh magnitudes that backward draws into it instead."""
+    def _feedback_args(self) -> tuple[Tensor, Remake | None]:
+        """What the rule's Function needs to send errors through ``feedback``: the buffer, and how its
+        backward remakes it first (usf, frsf: W's signs; brsf in training: fresh magnitudes with W's
+        signs; kp in its offset form: ``W + offset_scale * feedback_offset``), or None (fa, kp)."""
         assert self.feedback is not None
-        redraw = None
+        offset = self.offset_form()
+        if offset is not None:
+            return self.feedback, Remake(self.weight, offset=offset)
         if self.method == "brsf" and self.training:  # type: ignore[attr-defined]
-            redraw = fb.weight_bound(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
-        return self.feedback, self.method in fb.SIGN_CONCORDANT, redraw
+            bound = fb.weight_bound(self.weight, self.scale, self.init)  # type: ignore[attr-defined]
+            return self.feedback, Remake(self.weight, redraw=bound)
+        if self.method in fb.SIGN_CONCORDANT:
+            return self.feedback, Remake(self.weight)
+        return self.feedback, None
 
     def _direct_ticket(self, input: Tensor) -> Projection | None:
         """dfa: make sure this layer has its projection, and ask the running pass for a slice."""
@@ -151,7 +199,23 @@ class AlignmentLayer:
         saved = state_dict.get(prefix + "feedback")
         if self.feedback is None and saved is not None and self.method == "dfa":
             self.feedback = torch.empty_like(saved, device=self.weight.device, dtype=self.weight.dtype)
+        if self.method == "kp":
+            self._match_kp_form(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def _match_kp_form(self, state_dict: dict[str, Any], prefix: str) -> None:
+        # A kp state in the other form than this layer's (B itself, or its offset from W) is the same
+        # B: rewritten in this layer's form, in the dict load_state_dict made for the load.
+        weight, matrix = prefix + "weight", prefix + "feedback"
+        offset, scale = prefix + "feedback_offset", prefix + "offset_scale"
+        has_matrix = weight in state_dict and matrix in state_dict
+        has_offset = weight in state_dict and offset in state_dict and scale in state_dict
+        if self.offset_form() is not None and has_matrix and not has_offset:
+            state_dict[offset] = state_dict.pop(matrix) - state_dict[weight]
+            state_dict[scale] = torch.ones((), dtype=state_dict[offset].dtype)
+        elif self.offset_form() is None and has_offset and not has_matrix:
+            d, s = state_dict.pop(offset), state_dict.pop(scale)
+            state_dict[matrix] = torch.addcmul(state_dict[weight], d, s)
 
     def _rule_repr(self) -> str:
         text = f"method={self.method}"
@@ -222,8 +286,8 @@ class _ConvNd(AlignmentLayer):
         conf = (self.stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
         if self.method == "dfa":
             return ConvDirect.apply(input, self.weight, self.bias, self._direct_ticket(input), *conf)
-        feedback, signs, redraw = self._feedback_args()
-        return ConvFeedback.apply(input, self.weight, self.bias, feedback, *conf, signs, redraw)
+        feedback, remake = self._feedback_args()
+        return ConvFeedback.apply(input, self.weight, self.bias, feedback, *conf, remake)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """The input and the symmetric zero padding left for the convolution itself.
