@@ -626,6 +626,14 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
         return torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused)
 
     loop, fused = sgd(None), sgd(True)
+    # kp's B: trained by the optimizer (every layer's, with its momentum), or rebuilt from W and its
+    # offset in each backward (all but the first layer's, whose B no error goes through).
+    trained_feedback = [w.detach().clone() for w in weights]
+    for b in trained_feedback:
+        b.grad = torch.randn_like(b)
+    feedback_step = torch.optim.SGD(trained_feedback, lr=0.01, momentum=0.9, fused=True)
+    offsets, scale = [torch.randn_like(w) for w in weights[1:]], torch.tensor(0.9, device=device)
+    rebuilt = [torch.empty_like(w) for w in weights[1:]]
     pool = ThreadPoolExecutor(1)
     hidden = weights[1]  # 1024 x 1024
     activations = torch.randn(args.batch_size, hidden.shape[1], device=device)
@@ -704,6 +712,15 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             lambda: draws.uniform_(0.0, 0.1),
             "two halves on two threads",
             lambda: threaded_draw(draws, 0.1, pool),
+        ),
+        "kp's B each step (ms): SGD over every layer's B, or W + s (B_0 - W_0) for all but the first": (
+            "optimizer over B",
+            feedback_step.step,
+            "rebuilt (kept)",
+            lambda: [
+                feedback.rebuild_from_offset(b, w, d, scale)
+                for b, w, d in zip(rebuilt, weights[1:], offsets, strict=True)
+            ],
         ),
         "SGD step with momentum, all 3.96M parameters (ms)": (
             "for-loop",

@@ -115,7 +115,10 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
         if not mine:
             continue
         for _, m in mine:
-            m._take_offset_form() if offset_form else m._leave_offset_form()
+            if offset_form:
+                m._take_offset_form()
+            else:
+                m._leave_offset_form()
         added = [(i, _learned(m)) for i, m in mine]
         params: list = [t for _, t in added]
         if "param_names" in group:  # an optimizer built from named_parameters(): name them after W
