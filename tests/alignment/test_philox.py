@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fa_cli.alignment import philox
+from fa_cli.alignment import openmp, philox
 
 MASK = 2**32 - 1
 # Random123's kat_vectors, "philox4x32 10": counter (4 words), key (2 words) -> output (4 words).
@@ -116,3 +116,42 @@ def test_a_million_draws_look_uniform_and_independent():
         a, b = values[:-lag] - 0.5, values[lag:] - 0.5
         correlation = (a * b).mean() / (a.std() * b.std())
         assert abs(correlation.item()) < 5 / math.sqrt(values.numel())
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test (xdist's workers run on one: tests/conftest.py)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(openmp._runtime() is None, reason="PyTorch's OpenMP runtime (libgomp) is not loaded")
+def test_large_draws_are_shared_over_pytorchs_openmp_team_and_give_the_same_stream(threads, monkeypatch):
+    # Filled from NaN, so that a share no thread wrote shows; the team's stream must be the calling
+    # thread's bit for bit, and the Python reference's.
+    threads(2)
+    shared = []
+    run = openmp.run
+    monkeypatch.setattr(openmp, "run", lambda *args: (shared.append(True), run(*args)))
+    key = (0x9E3779B9, 12345)
+    for n in (
+        philox.PARALLEL_FROM - 1,
+        philox.PARALLEL_FROM,
+        philox.PARALLEL_FROM + 3,
+        5 * philox.PARALLEL_FROM + 2,
+    ):
+        shared.clear()
+        signs = torch.randn(n)
+        out = drawn(torch.full((n,), float("nan")), signs, 0.7, key)
+        alone = torch.empty(n)
+        philox._fill_signed(alone.numpy(), signs.numpy(), *key, 0.7)
+        assert torch.equal(out, alone), n
+        assert shared == ([True] if n >= philox.PARALLEL_FROM else []), n
+    shared.clear()
+    n = philox.PARALLEL_FROM + 3
+    out = drawn(torch.empty(n), torch.ones(n), 1.0, key)
+    assert out.double().tolist() == reference_stream(n, key)
+    threads(1)  # a team of one: the calling thread draws
+    drawn(torch.empty(n), torch.ones(n), 1.0, key)
+    assert shared == [True] and not openmp.available()

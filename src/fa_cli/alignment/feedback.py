@@ -161,7 +161,8 @@ def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
         return
     # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
     # the 4x1024 MLP; Philox on SIMD registers, with the signs in the same pass, is about five times
-    # faster (docs/PERFORMANCE.md, twelfth round). Imported here: only brsf pays numba's import.
+    # faster (docs/PERFORMANCE.md, twelfth round), and shared over torch's own threads about twice as
+    # fast again (sixteenth round). Imported here: only brsf pays numba's import.
     from fa_cli.alignment import philox
 
     philox.signed_uniform_(feedback.data, weight.data, bound, philox.draw_key())

@@ -17,14 +17,24 @@ The stream of ``n`` numbers under ``key``: block ``i`` is Philox4x32-10 of the c
 
 The key comes from torch's global generator (:func:`draw_key`), so ``torch.manual_seed`` makes the
 draws reproducible and a checkpoint of torch's RNG state resumes them exactly.
+
+A draw of :data:`PARALLEL_FROM` entries or more is shared over PyTorch's own CPU threads, its OpenMP
+team (:mod:`fa_cli.alignment.openmp`), where one is there: thread ``t`` of ``T`` fills the ``t``-th of
+``T`` runs of blocks. The stream does not depend on how it is shared.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 import torch
-from numba import njit
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
 from torch import Tensor
+
+from fa_cli.alignment import openmp
 
 # Random123's constants: the two multipliers, and the key's increments (the golden ratio, sqrt(3) - 1).
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -54,22 +64,77 @@ def philox4x32(c0: int, c1: int, c2: int, c3: int, k0: int, k1: int) -> tuple[in
 
 
 @njit(cache=True)
-def _fill_signed(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: float) -> None:
-    # out, signs: (n,) float32, contiguous. out[j] = copysign(magnitude j of the stream, signs[j]).
-    # The block loop has no branch and writes four contiguous runs, so LLVM vectorises it.
+def _fill_blocks(
+    out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: float, lo: int, hi: int
+) -> None:
+    # out, signs: (n,) float32, contiguous. Blocks lo..hi-1 of the stream of n numbers, each entry
+    # copysign(magnitude, signs[j]): word q of block i is entry q * m + i, m = n // 4. The block loop
+    # has no branch and writes four contiguous runs, so LLVM vectorises it; its index is unsigned, so
+    # that no negative index is checked for.
+    m = np.uint64(out.shape[0] // 4)
+    scale = np.float32(bound) * np.float32(2.0**-24)
+    shift = np.uint32(8)
+    for i in range(np.uint64(lo), np.uint64(hi)):
+        w0, w1, w2, w3 = philox4x32(np.uint32(i), np.uint32(i >> np.uint64(32)), 0, 0, k0, k1)
+        out[i] = np.copysign(np.float32(w0 >> shift) * scale, signs[i])
+        out[m + i] = np.copysign(np.float32(w1 >> shift) * scale, signs[m + i])
+        out[np.uint64(2) * m + i] = np.copysign(np.float32(w2 >> shift) * scale, signs[np.uint64(2) * m + i])
+        out[np.uint64(3) * m + i] = np.copysign(np.float32(w3 >> shift) * scale, signs[np.uint64(3) * m + i])
+
+
+@njit(cache=True)
+def _fill_tail(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: float) -> None:
+    # The last n mod 4 entries: the first words of block m.
     n = out.shape[0]
     m = n // 4
     scale = np.float32(bound) * np.float32(2.0**-24)
-    shift = np.uint32(8)
-    for i in range(m):
-        w0, w1, w2, w3 = philox4x32(np.uint32(i), np.uint32(i >> 32), 0, 0, k0, k1)
-        out[i] = np.copysign(np.float32(w0 >> shift) * scale, signs[i])
-        out[m + i] = np.copysign(np.float32(w1 >> shift) * scale, signs[m + i])
-        out[2 * m + i] = np.copysign(np.float32(w2 >> shift) * scale, signs[2 * m + i])
-        out[3 * m + i] = np.copysign(np.float32(w3 >> shift) * scale, signs[3 * m + i])
     tail = philox4x32(np.uint32(m), np.uint32(m >> 32), 0, 0, k0, k1)
     for j in range(n - 4 * m):
-        out[4 * m + j] = np.copysign(np.float32(tail[j] >> shift) * scale, signs[4 * m + j])
+        out[4 * m + j] = np.copysign(np.float32(tail[j] >> np.uint32(8)) * scale, signs[4 * m + j])
+
+
+@njit(cache=True)
+def _fill_signed(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: float) -> None:
+    # The whole stream on the calling thread.
+    _fill_blocks(out, signs, k0, k1, bound, 0, out.shape[0] // 4)
+    _fill_tail(out, signs, k0, k1, bound)
+
+
+@intrinsic
+def _pointer(typingctx: Any, address: Any) -> Any:
+    # An address (int64) as a void pointer, for carray.
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(types.int64), codegen
+
+
+def _share(data: Any) -> None:
+    # On each thread of PyTorch's OpenMP team: data points to int64s (out's address, signs' address,
+    # n, k0, k1, bound's float64 bits). Thread t of T fills the t-th of T runs of blocks; thread 0
+    # also the tail. The stream is the same however it is shared.
+    words = carray(data, (6,), np.int64)
+    n = words[2]
+    out = carray(_pointer(words[0]), (n,), np.float32)
+    signs = carray(_pointer(words[1]), (n,), np.float32)
+    bound = carray(data, (6,), np.float64)[5]
+    m = n // 4
+    thread, threads = openmp.thread_number(), openmp.team_size()
+    run = (m + threads - 1) // threads
+    lo = min(m, thread * run)
+    _fill_blocks(out, signs, words[3], words[4], bound, lo, min(m, lo + run))
+    if thread == 0:
+        _fill_tail(out, signs, words[3], words[4], bound)
+
+
+@functools.cache
+def _shared_fill() -> int:
+    # Compiled at the first use, once openmp.available() has given LLVM the OpenMP functions' addresses.
+    return cfunc(types.void(types.voidptr), cache=True)(_share).address
+
+
+#: Below this many entries the draw stays on the calling thread: waking the team would cost more.
+PARALLEL_FROM = 1 << 16
 
 
 def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
@@ -92,6 +157,12 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: tuple[int, in
         signs = signs.to(device="cpu", dtype=torch.float32).contiguous()
     direct = out.dtype == torch.float32 and out.is_contiguous()
     target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
-    _fill_signed(target.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)
+    if target.numel() >= PARALLEL_FROM and openmp.available():
+        # On both cores, where the draw after a matmul would otherwise leave one to a spinning worker.
+        words = np.array([target.data_ptr(), signs.data_ptr(), target.numel(), *key, 0], dtype=np.int64)
+        words[5:].view(np.float64)[0] = bound
+        openmp.run(_shared_fill(), words.ctypes.data)
+    else:
+        _fill_signed(target.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)
     if not direct:
         out.copy_(target)

@@ -1,0 +1,61 @@
+"""Compiled loops on the CPU threads PyTorch itself computes with: its own OpenMP team.
+
+Why not threads of our own: PyTorch's CPU ops run on an OpenMP team whose workers, after each op, spin
+a while waiting for the next one. A thread started beside them (Python's, numba's own pools) finds a
+core held by a spinning worker, and two threads drawing brsf's matrix after a matmul were slower than
+one (docs/PERFORMANCE.md, twelfth and fifteenth rounds). A parallel region opened on that same team is
+taken up at once by the spinning workers instead.
+
+How: where PyTorch's parallel backend is OpenMP and its runtime, GNU libgomp, is already loaded (Linux
+wheels), ``GOMP_parallel`` (libgomp's entry point for ``#pragma omp parallel``) runs a numba ``cfunc``
+on every thread of the calling thread's team, and the cfunc asks ``omp_get_thread_num`` and
+``omp_get_num_threads`` which share of the work is its own. Their addresses are given to LLVM under
+their names (:func:`available` does that first), so a cfunc declares them as external functions.
+Elsewhere (macOS, Windows, other OpenMP runtimes, one thread) :func:`available` is False and callers
+run their loop on the calling thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+
+import torch
+from numba import types
+
+#: The calling thread's number in its team, and the team's size: for cfuncs, once :func:`available`.
+thread_number = types.ExternalFunction("omp_get_thread_num", types.intc())
+team_size = types.ExternalFunction("omp_get_num_threads", types.intc())
+
+
+@functools.cache
+def _runtime() -> ctypes.CDLL | None:
+    if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:  # the libgomp already loaded (PyTorch's own): RTLD_NOLOAD never loads a second runtime
+        library = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return None
+    from llvmlite import binding
+
+    for name in ("omp_get_thread_num", "omp_get_num_threads"):
+        binding.add_symbol(name, ctypes.cast(getattr(library, name), ctypes.c_void_p).value)
+    library.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    library.GOMP_parallel.restype = None
+    return library
+
+
+def available() -> bool:
+    """Whether :func:`run` can use PyTorch's OpenMP team, of more than one thread."""
+    return torch.get_num_threads() > 1 and _runtime() is not None
+
+
+def run(function: int, data: int) -> None:
+    """Run the cfunc at address ``function`` with the pointer ``data`` on each of PyTorch's
+    ``torch.get_num_threads()`` threads, the calling thread as the first; return when all are done.
+    Only after :func:`available` said True."""
+    library = _runtime()
+    assert library is not None
+    library.GOMP_parallel(function, data, torch.get_num_threads(), 0)
