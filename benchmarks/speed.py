@@ -603,6 +603,16 @@ def threaded_draw(out: Tensor, bound: float, pool: ThreadPoolExecutor) -> None:
     other.result()
 
 
+def philox_alone(out: Tensor, signs: Tensor, bound: float) -> None:
+    """brsf's Philox draw on the calling thread alone, as before it was shared over torch's threads."""
+    philox._fill_signed(out.numpy(), signs.numpy(), *philox.draw_key(), bound)
+
+
+def philox_shared(out: Tensor, signs: Tensor, bound: float) -> None:
+    """brsf's Philox draw as it is made now: shared over torch's OpenMP team, where there is one."""
+    philox.signed_uniform_(out, signs, bound, philox.draw_key())
+
+
 def section_parts(args: argparse.Namespace, report: Report, device: torch.device) -> None:
     """Each per-step cost the second round of fixes changed, and the alternatives the rounds tried
     (marked "tried, not adopted"), timed against the way kept on the 4x1024 MLP's tensors (and the
@@ -694,6 +704,12 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             lambda: draws.uniform_(0.0, 0.1).copysign_(signs),
             "Philox (kept)",
             lambda: philox.signed_uniform_(draws, signs, 0.1, philox.draw_key()),
+        ),
+        "brsf's matrix, 1M entries after a 1024x1024 matmul (ms): Philox on one thread, or on torch's": (
+            "calling thread",
+            lambda: (activations.mm(hidden.t()), philox_alone(draws, signs, 0.1)),
+            "torch's OpenMP team (kept)",
+            lambda: (activations.mm(hidden.t()), philox_shared(draws, signs, 0.1)),
         ),
         "brsf's magnitudes, 1M draws (ms): torch's generator, or numpy's SFC64 seeded from it and scaled": (
             "uniform_ (mt19937)",

@@ -158,7 +158,7 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: tuple[int, in
     direct = out.dtype == torch.float32 and out.is_contiguous()
     target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
     if target.numel() >= PARALLEL_FROM and openmp.available():
-        # On both cores, where the draw after a matmul would otherwise leave one to a spinning worker.
+        # On every thread torch computes with, where one would otherwise spin idle beside the draw.
         words = np.array([target.data_ptr(), signs.data_ptr(), target.numel(), *key, 0], dtype=np.int64)
         words[5:].view(np.float64)[0] = bound
         openmp.run(_shared_fill(), words.ctypes.data)
