@@ -1,6 +1,7 @@
 """brsf's CPU generator: Philox4x32-10 against Random123's known answers, and the stream's layout."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -152,6 +153,26 @@ def test_large_draws_are_shared_over_pytorchs_openmp_team_and_give_the_same_stre
     n = philox.PARALLEL_FROM + 3
     out = drawn(torch.empty(n), torch.ones(n), 1.0, key)
     assert out.double().tolist() == reference_stream(n, key)
+    # Three threads (shares that do not divide the blocks evenly), and a team whose first thread is
+    # not Python's main thread.
+    threads(3)
+    n = 3 * philox.PARALLEL_FROM + 7
+    signs = torch.randn(n)
+    alone = torch.empty(n)
+    philox._fill_signed(alone.numpy(), signs.numpy(), *key, 0.7)
+    assert torch.equal(drawn(torch.full((n,), float("nan")), signs, 0.7, key), alone)
+    elsewhere = torch.full((n,), float("nan"))
+    thread = threading.Thread(target=drawn, args=(elsewhere, signs, 0.7, key))
+    thread.start()
+    thread.join()
+    assert torch.equal(elsewhere, alone)
+    shared.clear()
     threads(1)  # a team of one: the calling thread draws
     drawn(torch.empty(n), torch.ones(n), 1.0, key)
-    assert shared == [True] and not openmp.available()
+    assert shared == [] and not openmp.available()
+
+
+def test_only_cpu_tensors_are_filled():
+    meta = torch.empty(philox.PARALLEL_FROM, device="meta")
+    with pytest.raises(ValueError, match="fills CPU tensors, not meta"):
+        philox.signed_uniform_(meta, torch.ones(philox.PARALLEL_FROM), 1.0, (0, 0))

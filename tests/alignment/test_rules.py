@@ -1,5 +1,7 @@
 """Gradient checks of every rule against references written here in plain tensor math."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,9 +358,19 @@ KP_OPTIMIZERS = {  # name: (optimizer, whether B - W moves by a scalar under it)
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, maximize=True, foreach=False),
         True,
     ),
+    "sgd-foreach": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=True),
+        True,
+    ),
     "adamw-amsgrad": (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-1, amsgrad=True), True),
+    "adamw-fused": (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-1, fused=True), True),
+    "adam-decoupled": (
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-1, decoupled_weight_decay=True),
+        True,
+    ),
     "adam-no-decay": (lambda p: torch.optim.Adam(p, lr=0.01), True),
     "adam-l2-decay": (lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2), False),
+    "adamw-eps-0": (lambda p: torch.optim.AdamW(p, lr=0.01, eps=0.0), False),  # 0/0 for the scale
     "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5), False),
 }
 
@@ -391,7 +403,7 @@ def test_kp_feedback_takes_exactly_ws_update(name, clip):
             o.step()
     _assert_same_kp(model, reference, exact=not offset_form)
     assert all(t.grad is None for t in added)
-    assert not torch.equal(layers[0].feedback, _kp_pair()[1][0].feedback)  # B did learn
+    assert not torch.equal(_aligned(model)[0].effective_feedback(), _kp_pair()[0][0].feedback)  # B learned
 
 
 def test_kp_offset_form_keeps_offset_and_scale_in_the_state_dict_and_loads_either_form():
@@ -423,7 +435,48 @@ def test_kp_offset_form_keeps_offset_and_scale_in_the_state_dict_and_loads_eithe
         torch.testing.assert_close(m.effective_feedback(), b, rtol=0, atol=1e-15)
 
 
-def test_kp_optimizer_state_of_the_other_form_and_decay_given_to_adam_later_are_refused():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1, dampening=0.2),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_kp_state_of_b_itself_resumes_in_the_offset_form(make):
+    # An older fa-cli's checkpoint: B in the optimizer (matrix form). Three steps, then saved; loaded
+    # into a model in the offset form, three more steps must match going on in the matrix form.
+    model, _ = _kp_pair()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+
+    def step(model, opt, matrix):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if matrix:
+            for m in _aligned(model):
+                m.feedback.grad = m.weight.grad.clone()
+        opt.step()
+
+    opt = make(model.parameters())
+    opt.add_param_group({"params": [m.feedback for m in _aligned(model)]})
+    for _ in range(3):
+        step(model, opt, matrix=True)
+    model_state, optimizer_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed = _kp_pair()[0]
+    resumed.load_state_dict(model_state)  # the model first: its offset is B - W, its scale 1
+    resumed_opt = make(resumed.parameters())
+    train_feedback(resumed, resumed_opt)
+    resumed_opt.load_state_dict(optimizer_state)
+    assert all(
+        v.dim() == 0 for m in _aligned(resumed) for v in resumed_opt.state[m.offset_form()[1]].values()
+    )
+    for _ in range(3):
+        step(model, opt, matrix=True)
+        step(resumed, resumed_opt, matrix=False)
+    _assert_same_kp(resumed, model, exact=False)
+
+
+def test_kp_scale_state_for_b_itself_and_decay_given_to_adam_later_are_refused():
     model = _kp_pair()[0]
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
 
@@ -433,19 +486,15 @@ def test_kp_optimizer_state_of_the_other_form_and_decay_given_to_adam_later_are_
         opt.step()
         return opt
 
-    matrix_form = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # B trained by hand
-    matrix_form.add_param_group({"params": [m.feedback for m in _aligned(model)]})
-    F.cross_entropy(model(x), y).backward()
-    for m in _aligned(model):
-        m.feedback.grad = m.weight.grad
-    matrix_form.step()
-    state = matrix_form.state_dict()  # momentum buffers of B's shape in group 1
-    for m in _aligned(model):
-        m.feedback.grad = None
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_feedback(model, opt)
-    with pytest.raises(ValueError, match="'momentum_buffer' of shape \\(3, 1, 3, 3\\) for a tensor of shape"):
-        opt.load_state_dict(state)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_feedback(model, sgd)
+    state = trained(sgd).state_dict()  # the scales' 0-d momentum in group 1
+    rprop = torch.optim.Rprop(model.parameters())  # B itself learns
+    train_feedback(model, rprop)
+    with pytest.raises(
+        ValueError, match=r"kp feedback's \{'momentum_buffer': \(\)\} for a tensor of shape \(3, 1, 3, 3\)"
+    ):
+        rprop.load_state_dict(state)
     adam = torch.optim.Adam(model.parameters(), lr=0.01)
     train_feedback(model, adam)
     trained(adam)
@@ -453,6 +502,30 @@ def test_kp_optimizer_state_of_the_other_form_and_decay_given_to_adam_later_are_
         group["weight_decay"] = 1e-2
     with pytest.raises(RuntimeError, match="no longer keep B - W a multiple of its start"):
         trained(adam)
+
+
+def test_kp_offset_scale_moved_or_cast_after_train_feedback_is_refused_at_the_step():
+    # .to() and .float() replace buffers: the optimizer would train a scale the layer no longer uses.
+    model = _kp_pair()[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    train_feedback(model, opt)
+    model.float()  # from float64 (the tests' default dtype)
+    F.cross_entropy(model(torch.randn(4, 1, 8, 8, dtype=torch.float32)), torch.randint(0, 4, (4,))).backward()
+    with pytest.raises(RuntimeError, match=r"moved or cast \(\.to\(\), \.half\(\)\) after train_feedback"):
+        opt.step()
+
+
+def test_kp_offset_scale_is_float32_under_low_precision_weights():
+    # In bfloat16, 1 - lr * decay would round to 1: no decay at all.
+    layer = Linear(6, 4, method="kp", seed=0).to(torch.bfloat16)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01, weight_decay=1e-2)
+    train_feedback(layer, opt)
+    assert layer.offset_form()[1].dtype == torch.float32
+    x = torch.randn(3, 6, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()
+    opt.step()
+    assert layer.offset_form()[1].item() == pytest.approx(1 - 1e-4)
+    assert x.grad.dtype == torch.bfloat16
 
 
 def test_kp_layer_leaves_the_offset_form_with_the_same_b_and_reset_starts_it_again():
@@ -470,6 +543,13 @@ def test_kp_layer_leaves_the_offset_form_with_the_same_b_and_reset_starts_it_aga
     for m, b in zip(_aligned(model), matrices, strict=True):
         assert m.offset_form() is None and torch.equal(m.feedback, b)
     assert list(model.state_dict())[:3] == ["0.weight", "0.bias", "0.feedback"]
+    layer = Linear(6, 4, method="kp", seed=0)  # in the matrix form, reset redraws the B trained
+    added = train_feedback(layer, torch.optim.Rprop(layer.parameters()))
+    layer.feedback.add_(1.0)
+    layer.reset_feedback()
+    assert added == [layer.feedback] and torch.equal(
+        layer.feedback, Linear(6, 4, method="kp", seed=0).feedback
+    )
     layer = Linear(6, 4, method="kp", seed=0)
     train_feedback(layer, torch.optim.SGD(layer.parameters(), lr=0.1))
     scale = layer.offset_form()[1]

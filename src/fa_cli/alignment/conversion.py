@@ -84,7 +84,8 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
     Two forms, with the same ``B`` (see :mod:`fa_cli.alignment.feedback`):
 
     - **offset**, where the difference ``B - W`` provably moves by a scalar alone: ``torch.optim.SGD``
-      with any settings, ``AdamW``, and ``Adam`` without weight decay. Each layer then keeps
+      with any settings, ``AdamW``, and ``Adam`` without weight decay or with it decoupled (both with
+      ``eps > 0``). Each layer then keeps
       ``feedback_offset`` (``B - W`` now) and ``offset_scale`` (1 now), the optimizer trains the scale
       with a gradient of 0 and its ``W``'s settings, and each backward rebuilds ``B = W + scale *
       offset``: no optimizer pass over ``B``. The optimizer's settings are checked again before every
@@ -97,7 +98,9 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
     The tensors added to ``optimizer`` form a group of their own per group of ``W``s, which takes that
     group's settings before every step. Returns them (each layer's ``offset_scale``, or its ``B``), in
     the order of ``model.modules()``: empty for every other rule, or when the optimizer trains no kp
-    ``W``, and then ``optimizer`` is left as it was.
+    ``W``, and then ``optimizer`` is left as it was. Call it before the optimizer's first step: after
+    it, the offset form's ``B`` would take on ``W``'s momentum or moments, and the matrix form's would
+    start without.
     """
     layers = [
         m
@@ -107,13 +110,16 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if any(id(t) in held for m in layers for t in (m.feedback, *(m.offset_form() or ()))):
         raise ValueError("train_feedback: the optimizer already holds kp feedback (called twice?)")
-    offset_form = _moves_by_a_scalar(optimizer)
+    weights = {id(m.weight) for m in layers}
+    groups = [
+        i for i, group in enumerate(optimizer.param_groups) if any(id(p) in weights for p in group["params"])
+    ]
+    offset_form = _moves_by_a_scalar(optimizer, groups)
     companions, trained = [], []
-    for index, group in enumerate(list(optimizer.param_groups)):
+    for index in groups:
+        group = optimizer.param_groups[index]
         position = {id(p): i for i, p in enumerate(group["params"])}
         mine = [(position[id(m.weight)], m) for m in layers if id(m.weight) in position]
-        if not mine:
-            continue
         for _, m in mine:
             if offset_form:
                 m._take_offset_form()
@@ -133,18 +139,25 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
         hooks = _OffsetSteps(trained, companions) if offset_form else _SharedGradients(trained, companions)
         optimizer.register_step_pre_hook(hooks.lend)
         optimizer.register_step_post_hook(hooks.take_back)
-        optimizer.register_load_state_dict_post_hook(_StateOf([_learned(m) for m in trained]))
+        optimizer.register_load_state_dict_pre_hook(_StateOf(trained))
     return [_learned(m) for m in trained]
 
 
-def _moves_by_a_scalar(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether, under ``optimizer``, ``B - W`` (same gradient, same settings) moves by a scalar: for
-    SGD and AdamW the update is linear in the parameter and its state wherever the gradients are the
-    same, and Adam's only term in the parameter is its (L2) weight decay."""
-    if type(optimizer) in (torch.optim.SGD, torch.optim.AdamW):
+def _moves_by_a_scalar(optimizer: torch.optim.Optimizer, groups: list[int]) -> bool:
+    """Whether, under ``optimizer``'s ``groups`` (those of kp ``W``s), ``B - W`` moves by a scalar. ``B``
+    and ``W`` get the same gradients, so their optimizer states differ only through the term in the
+    parameter itself, weight decay: under SGD everything is linear, under AdamW (and Adam's decoupled
+    decay) the decay is a factor apart from the moments, which the two share; Adam's L2 decay goes
+    through the moments. The scale's moments are 0, and its Adam update 0 / (0 + eps): eps must not be 0."""
+    settings = [optimizer.param_groups[i] for i in groups]
+    if type(optimizer) is torch.optim.SGD:
         return True
+    if type(optimizer) is torch.optim.AdamW:
+        return all(g["eps"] > 0 for g in settings)
     if type(optimizer) is torch.optim.Adam:
-        return all(g["weight_decay"] == 0 or g.get("decoupled_weight_decay") for g in optimizer.param_groups)
+        return all(
+            g["eps"] > 0 and (g["weight_decay"] == 0 or g.get("decoupled_weight_decay")) for g in settings
+        )
     return False
 
 
@@ -190,42 +203,71 @@ class _OffsetSteps:
     settings."""
 
     def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
-        self.pairs = [(m.weight, _learned(m)) for m in layers]
-        self.zeros = [torch.zeros_like(scale) for _, scale in self.pairs]
+        self.layers = [(m, _learned(m)) for m in layers]
         self.companions = companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         _follow_settings(optimizer, self.companions)
-        if not _moves_by_a_scalar(optimizer):
+        if not _moves_by_a_scalar(optimizer, [weights for weights, _ in self.companions]):
             raise RuntimeError(
                 "kp: this optimizer's settings no longer keep B - W a multiple of its start (weight "
                 "decay on Adam?); build the optimizer with them before train_feedback"
             )
-        for (weight, scale), zero in zip(self.pairs, self.zeros, strict=True):
-            scale.grad = zero if weight.grad is not None else None
+        for layer, scale in self.layers:
+            if _learned(layer) is not scale:
+                raise RuntimeError(
+                    "kp: a layer's offset_scale is not the tensor this optimizer trains: the model was "
+                    "moved or cast (.to(), .half()) after train_feedback; move it first, then build the "
+                    "optimizer and call train_feedback"
+                )
+            scale.grad = torch.zeros_like(scale) if layer.weight.grad is not None else None
 
     def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        for _, scale in self.pairs:
+        for _, scale in self.layers:
             scale.grad = None
 
 
 class _StateOf:
-    """After ``optimizer.load_state_dict``: refuses a state saved for kp's feedback in its other form
-    (``B`` itself, or its offset scale), whose moments have the other's shape."""
+    """Before ``optimizer.load_state_dict``: a state saved for kp's ``B`` itself (the matrix form: an
+    older fa-cli's, or another optimizer's) is rewritten for the offset form's scales. ``B``'s moments
+    differ from ``W``'s by the scale's moments times ``B - W`` (by 0 for Adam's and AdamW's, whose ``B``
+    and ``W`` share them), so a scale's moment is the projection of ``B``'s minus ``W``'s on the offset:
+    exact wherever the offset form holds. The offset is the layer's as it is now, so load the model's
+    state first (it becomes ``B - W`` with a scale of 1). A scale's state is refused for ``B`` itself,
+    whose moments it cannot give without the scale."""
 
-    def __init__(self, learned: list[Tensor]) -> None:
-        self.learned = learned
+    def __init__(self, layers: list[AlignmentLayer]) -> None:
+        self.layers = layers
 
-    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
-        for tensor in self.learned:
-            for key, value in optimizer.state.get(tensor, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.shape != tensor.shape:
-                    raise ValueError(
-                        f"the optimizer state loaded has kp feedback's {key!r} of shape {tuple(value.shape)}"
-                        f" for a tensor of shape {tuple(tensor.shape)}: it trained B in the other form "
-                        "(B itself, or its offset from W; see fa_cli.alignment.train_feedback), under "
-                        "another optimizer or an older fa-cli"
-                    )
+    def __call__(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        # Groups or parameters of other lengths are left to load_state_dict, which refuses them after.
+        index = {
+            id(p): i
+            for g, s in zip(optimizer.param_groups, state_dict["param_groups"], strict=False)
+            for p, i in zip(g["params"], s["params"], strict=False)
+        }
+        state = state_dict["state"]
+        for layer in self.layers:
+            learned = _learned(layer)
+            saved = state.get(index.get(id(learned)), {})
+            moments = {k: v for k, v in saved.items() if k != "step" and isinstance(v, Tensor)}
+            if all(v.shape == learned.shape for v in moments.values()):
+                continue
+            weights = state.get(index.get(id(layer.weight)), {})
+            if learned.dim() > 0 or any(
+                v.shape != layer.weight.shape or k not in weights for k, v in moments.items()
+            ):
+                shapes = {k: tuple(v.shape) for k, v in moments.items()}
+                raise ValueError(
+                    f"the optimizer state has kp feedback's {shapes} for a tensor of shape "
+                    f"{tuple(learned.shape)}, and no B of its W's shape to take them from (see "
+                    "fa_cli.alignment.train_feedback)"
+                )
+            offset = layer.effective_feedback() - layer.weight.detach()  # B - W
+            norm = offset.pow(2).sum()
+            for key, moment in moments.items():
+                projected = ((moment - weights[key]) * offset).sum() / norm if norm > 0 else norm
+                saved[key] = projected.to(learned.dtype)
 
 
 def _follow_settings(optimizer: torch.optim.Optimizer, companions: list[tuple[int, int]]) -> None:

@@ -26,7 +26,8 @@ gradient, so the difference ``B - W`` sees no gradient at all: only weight decay
 SGD (momentum, dampening, Nesterov, weight decay, any learning-rate schedule) the update is linear in
 the parameter, its momentum and the gradient, so ``B_t - W_t = s_t (B_0 - W_0)`` exactly, with ``s_t``
 what the same optimizer makes of a scalar that starts at 1 and whose gradient is always 0; under AdamW
-(decoupled decay) too, and under Adam without weight decay ``s`` stays 1. There
+(decoupled decay) too, and under Adam without weight decay ``s`` stays 1 (with ``eps > 0``: the
+scale's Adam step is ``0 / (0 + eps)``). There
 :func:`fa_cli.alignment.train_feedback` keeps ``D = B_0 - W_0`` (``feedback_offset``) and ``s``
 (``offset_scale``, the one tensor it trains) instead of ``B`` and its optimizer state, and a backward
 rebuilds ``B`` from them right before its error goes through it (:func:`rebuild_from_offset`): one
@@ -161,8 +162,8 @@ def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
         return
     # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
     # the 4x1024 MLP; Philox on SIMD registers, with the signs in the same pass, is about five times
-    # faster (docs/PERFORMANCE.md, twelfth round), and shared over torch's own threads about twice as
-    # fast again (sixteenth round). Imported here: only brsf pays numba's import.
+    # faster (docs/PERFORMANCE.md, twelfth round); shared over torch's own threads it takes both cores
+    # (sixteenth round). Imported here: only brsf pays numba's import.
     from fa_cli.alignment import philox
 
     philox.signed_uniform_(feedback.data, weight.data, bound, philox.draw_key())

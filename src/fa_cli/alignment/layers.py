@@ -77,11 +77,21 @@ class AlignmentLayer:
     def reset_feedback(self) -> None:
         """Draw the feedback again from the layer's seed (dfa's is drawn at the next forward). A kp
         layer in its offset form starts again from the new ``B``: ``feedback_offset`` becomes
-        ``B - W`` and ``offset_scale`` 1."""
+        ``B - W`` and ``offset_scale`` 1. A kp ``B`` is redrawn in place, so an optimizer that trains it
+        (or its scale) goes on doing so, with the momentum or moments it has."""
         feedback = None
         if self.method in fb.WEIGHT_SHAPED:
             feedback = fb.initial_feedback(self.method, self.weight, self.scale, self._generator(), self.init)
-        if "feedback" in self._buffers:  # type: ignore[attr-defined]
+        current = self._buffers.get("feedback")  # type: ignore[attr-defined]
+        if (
+            self.method == "kp"
+            and current is not None
+            and feedback is not None
+            and current.shape == feedback.shape
+        ):
+            with torch.no_grad():  # in place: the optimizer may be training this very tensor
+                current.copy_(feedback)
+        elif "feedback" in self._buffers:  # type: ignore[attr-defined]
             self.feedback = feedback
         else:
             self.register_buffer("feedback", feedback)  # type: ignore[attr-defined]
@@ -120,7 +130,9 @@ class AlignmentLayer:
         with torch.no_grad():
             offset = self.feedback - self.weight
         self.register_buffer("feedback_offset", offset)  # type: ignore[attr-defined]
-        self.register_buffer("offset_scale", torch.ones((), dtype=offset.dtype, device=offset.device))  # type: ignore[attr-defined]
+        # At least float32: in bfloat16, 1 - lr * decay would round to 1.
+        dtype = torch.promote_types(offset.dtype, torch.float32)
+        self.register_buffer("offset_scale", torch.ones((), dtype=dtype, device=offset.device))  # type: ignore[attr-defined]
         self._non_persistent_buffers_set.add("feedback")  # type: ignore[attr-defined]
 
     def _leave_offset_form(self) -> None:

@@ -6,13 +6,15 @@ core held by a spinning worker, and two threads drawing brsf's matrix after a ma
 one (docs/PERFORMANCE.md, twelfth and fifteenth rounds). A parallel region opened on that same team is
 taken up at once by the spinning workers instead.
 
-How: where PyTorch's parallel backend is OpenMP and its runtime, GNU libgomp, is already loaded (Linux
-wheels), ``GOMP_parallel`` (libgomp's entry point for ``#pragma omp parallel``) runs a numba ``cfunc``
-on every thread of the calling thread's team, and the cfunc asks ``omp_get_thread_num`` and
-``omp_get_num_threads`` which share of the work is its own. Their addresses are given to LLVM under
-their names (:func:`available` does that first), so a cfunc declares them as external functions.
-Elsewhere (macOS, Windows, other OpenMP runtimes, one thread) :func:`available` is False and callers
-run their loop on the calling thread.
+How: where PyTorch's parallel backend is OpenMP (Linux), ``GOMP_parallel`` (libgomp's entry point for
+``#pragma omp parallel``) runs a numba ``cfunc`` on every thread of the calling thread's team, and the
+cfunc asks ``omp_get_thread_num`` and ``omp_get_num_threads`` which share of the work is its own. Their
+addresses are given to LLVM under their names (:func:`available` does that first), so a cfunc declares
+them as external functions. The runtime is the one ``libtorch_cpu`` resolves those names to (GNU
+libgomp in the Linux wheels; LLVM's and Intel's runtimes export the same entry points). Elsewhere
+(macOS, Windows, one thread) :func:`available` is False and callers run their loop on the calling
+thread. As for torch's own ops, a process forked after the team has run should not use it (libgomp's
+threads do not survive a fork).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ctypes
 import functools
 import os
 import sys
+from pathlib import Path
 
 import torch
 from numba import types
@@ -34,17 +37,25 @@ team_size = types.ExternalFunction("omp_get_num_threads", types.intc())
 def _runtime() -> ctypes.CDLL | None:
     if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    try:  # the libgomp already loaded (PyTorch's own): RTLD_NOLOAD never loads a second runtime
-        library = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
-    except OSError:
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        # Looked up from libtorch_cpu, already loaded (RTLD_NOLOAD): its symbols and then those of the
+        # libraries it depends on, so the OpenMP functions are those of the runtime torch uses, whatever
+        # the file is named, and no second runtime is ever loaded.
+        library = ctypes.CDLL(str(torch_cpu), mode=os.RTLD_NOLOAD)
+        functions = {name: getattr(library, name) for name in ("GOMP_parallel", *_COUNTERS)}
+    except (OSError, AttributeError):
         return None
     from llvmlite import binding
 
-    for name in ("omp_get_thread_num", "omp_get_num_threads"):
-        binding.add_symbol(name, ctypes.cast(getattr(library, name), ctypes.c_void_p).value)
-    library.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    library.GOMP_parallel.restype = None
+    for name in _COUNTERS:
+        binding.add_symbol(name, ctypes.cast(functions[name], ctypes.c_void_p).value)
+    functions["GOMP_parallel"].argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    functions["GOMP_parallel"].restype = None
     return library
+
+
+_COUNTERS = ("omp_get_thread_num", "omp_get_num_threads")
 
 
 def available() -> bool:

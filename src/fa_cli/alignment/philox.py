@@ -150,6 +150,8 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: tuple[int, in
     # A call is one layer's draw in one step, so its fixed costs count on small models: float32
     # contiguous tensors are read and written where they lie; other dtypes and layouts go through
     # float32 copies.
+    if out.device.type != "cpu":  # the kernel writes through the tensor's address
+        raise ValueError(f"signed_uniform_ fills CPU tensors, not {out.device.type} ones")
     if signs.numel() != out.numel():  # the kernel reads signs[j] for every j it writes out[j]
         raise ValueError(f"signs of shape {tuple(signs.shape)} for an output of shape {tuple(out.shape)}")
     signs = signs.detach()
