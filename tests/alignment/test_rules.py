@@ -406,15 +406,21 @@ def test_kp_feedback_takes_exactly_ws_update(name, clip):
     assert not torch.equal(_aligned(model)[0].effective_feedback(), _kp_pair()[0][0].feedback)  # B learned
 
 
-def test_kp_offset_form_keeps_offset_and_scale_in_the_state_dict_and_loads_either_form():
+def _kp_trained(steps: int) -> nn.Module:
+    """A kp model in the offset form after ``steps`` SGD steps with momentum and weight decay."""
     model = _kp_pair()[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     train_feedback(model, opt)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    for _ in range(3):
+    for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+    return model
+
+
+def test_kp_offset_form_keeps_offset_and_scale_in_the_state_dict_and_loads_either_form():
+    model = _kp_trained(3)
     state = model.state_dict()
     assert [k for k in state if k.startswith("3.")] == [
         "3.weight", "3.bias", "3.feedback_offset", "3.offset_scale"
@@ -529,14 +535,7 @@ def test_kp_offset_scale_is_float32_under_low_precision_weights():
 
 
 def test_kp_layer_leaves_the_offset_form_with_the_same_b_and_reset_starts_it_again():
-    model = _kp_pair()[0]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    train_feedback(model, opt)
-    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model = _kp_trained(2)
     matrices = [m.effective_feedback() for m in _aligned(model)]
     adam = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-2)  # B itself must learn
     assert train_feedback(model, adam) == [m.feedback for m in _aligned(model)]
