@@ -166,6 +166,7 @@ def test_large_draws_are_shared_over_pytorchs_openmp_team_and_give_the_same_stre
     thread.start()
     thread.join()
     assert torch.equal(elsewhere, alone)
+    assert shared == [True] * 3  # the reference's draw above, and these two
     shared.clear()
     threads(1)  # a team of one: the calling thread draws
     drawn(torch.empty(n), torch.ones(n), 1.0, key)

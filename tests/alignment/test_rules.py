@@ -467,12 +467,17 @@ def test_kp_state_of_b_itself_resumes_in_the_offset_form(make):
     opt.add_param_group({"params": [m.feedback for m in _aligned(model)]})
     for _ in range(3):
         step(model, opt, matrix=True)
+    # Copies: load_state_dict keeps a saved tensor that needs no cast, which would be opt's own.
     model_state, optimizer_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    untouched = copy.deepcopy(optimizer_state)
     resumed = _kp_pair()[0]
     resumed.load_state_dict(model_state)  # the model first: its offset is B - W, its scale 1
     resumed_opt = make(resumed.parameters())
     train_feedback(resumed, resumed_opt)
     resumed_opt.load_state_dict(optimizer_state)
+    for index, entry in untouched["state"].items():  # the state given is left as it was
+        assert optimizer_state["state"][index].keys() == entry.keys()
+        assert all(torch.equal(optimizer_state["state"][index][k], v) for k, v in entry.items())
     assert all(
         v.dim() == 0 for m in _aligned(resumed) for v in resumed_opt.state[m.offset_form()[1]].values()
     )
@@ -510,10 +515,15 @@ def test_kp_scale_state_for_b_itself_and_decay_given_to_adam_later_are_refused()
         trained(adam)
 
 
-def test_kp_offset_scale_moved_or_cast_after_train_feedback_is_refused_at_the_step():
-    # .to() and .float() replace buffers: the optimizer would train a scale the layer no longer uses.
+@pytest.mark.parametrize(
+    "make",
+    [lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.1), torch.optim.Rprop],
+    ids=["offset", "matrix"],
+)
+def test_kp_feedback_moved_or_cast_after_train_feedback_is_refused_at_the_step(make):
+    # .to() and .float() replace buffers: the optimizer would train a B or scale the layer no longer uses.
     model = _kp_pair()[0]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    opt = make(model.parameters())
     train_feedback(model, opt)
     model.float()  # from float64 (the tests' default dtype)
     F.cross_entropy(model(torch.randn(4, 1, 8, 8, dtype=torch.float32)), torch.randint(0, 4, (4,))).backward()

@@ -182,10 +182,12 @@ class _SharedGradients:
     the step, and each group of ``B``s has its ``W``s' group's settings."""
 
     def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
-        self.pairs = [(m.weight, m.feedback) for m in layers]
+        self.layers = [(m, _learned(m)) for m in layers]
+        self.pairs = [(m.weight, b) for m, b in self.layers]
         self.companions = companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        _check_held(self.layers)
         # The same tensor, not a copy: copying every W's gradient cost a pass over memory each step
         # (docs/PERFORMANCE.md, seventh round).
         for weight, feedback in self.pairs:
@@ -204,6 +206,7 @@ class _OffsetSteps:
 
     def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
         self.layers = [(m, _learned(m)) for m in layers]
+        self.zeros = [torch.zeros_like(scale) for _, scale in self.layers]
         self.companions = companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -213,14 +216,9 @@ class _OffsetSteps:
                 "kp: this optimizer's settings no longer keep B - W a multiple of its start (weight "
                 "decay on Adam?); build the optimizer with them before train_feedback"
             )
-        for layer, scale in self.layers:
-            if _learned(layer) is not scale:
-                raise RuntimeError(
-                    "kp: a layer's offset_scale is not the tensor this optimizer trains: the model was "
-                    "moved or cast (.to(), .half()) after train_feedback; move it first, then build the "
-                    "optimizer and call train_feedback"
-                )
-            scale.grad = torch.zeros_like(scale) if layer.weight.grad is not None else None
+        _check_held(self.layers)
+        for (layer, scale), zero in zip(self.layers, self.zeros, strict=True):
+            scale.grad = zero if layer.weight.grad is not None else None
 
     def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         for _, scale in self.layers:
@@ -246,7 +244,8 @@ class _StateOf:
             for g, s in zip(optimizer.param_groups, state_dict["param_groups"], strict=False)
             for p, i in zip(g["params"], s["params"], strict=False)
         }
-        state = state_dict["state"]
+        # load_state_dict copied only the outer dict: the caller's states are replaced here, not changed.
+        state = state_dict["state"] = dict(state_dict["state"])
         for layer in self.layers:
             learned = _learned(layer)
             saved = state.get(index.get(id(learned)), {})
@@ -263,11 +262,32 @@ class _StateOf:
                     f"{tuple(learned.shape)}, and no B of its W's shape to take them from (see "
                     "fa_cli.alignment.train_feedback)"
                 )
-            offset = layer.effective_feedback() - layer.weight.detach()  # B - W
+            # In float64, where the saved moments lie (a checkpoint is read onto the CPU, the model may
+            # be on a GPU); load_state_dict then moves each to its scale.
+            offset = (layer.effective_feedback() - layer.weight.detach()).to(
+                next(iter(moments.values())).device, torch.float64
+            )
             norm = offset.pow(2).sum()
+            projected = {}
             for key, moment in moments.items():
-                projected = ((moment - weights[key]) * offset).sum() / norm if norm > 0 else norm
-                saved[key] = projected.to(learned.dtype)
+                difference = moment.to(torch.float64) - weights[key].to(moment.device, torch.float64)
+                value = (difference * offset).sum() / norm if norm > 0 else norm
+                if key.endswith("_sq"):  # Adam's squares: 0 here, never below (a square root follows)
+                    value = value.clamp(min=0.0)
+                projected[key] = value.to(learned.dtype)
+            state[index[id(learned)]] = {**saved, **projected}
+
+
+def _check_held(layers: list[tuple[AlignmentLayer, Tensor]]) -> None:
+    # .to() and .half() replace buffers, B and offset_scale among them, and another train_feedback
+    # may have changed a layer's form: the optimizer would train a tensor the layer no longer uses.
+    for layer, learned in layers:
+        if _learned(layer) is not learned:
+            raise RuntimeError(
+                "kp: a layer's feedback is not the tensor this optimizer trains: the model was moved or "
+                "cast (.to(), .half()) after train_feedback, or given to train_feedback with another "
+                "optimizer since; move it first, then build the optimizer and call train_feedback"
+            )
 
 
 def _follow_settings(optimizer: torch.optim.Optimizer, companions: list[tuple[int, int]]) -> None:

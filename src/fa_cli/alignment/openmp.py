@@ -10,8 +10,9 @@ How: where PyTorch's parallel backend is OpenMP (Linux), ``GOMP_parallel`` (libg
 ``#pragma omp parallel``) runs a numba ``cfunc`` on every thread of the calling thread's team, and the
 cfunc asks ``omp_get_thread_num`` and ``omp_get_num_threads`` which share of the work is its own. Their
 addresses are given to LLVM under their names (:func:`available` does that first), so a cfunc declares
-them as external functions. The runtime is the one ``libtorch_cpu`` resolves those names to (GNU
-libgomp in the Linux wheels; LLVM's and Intel's runtimes export the same entry points). Elsewhere
+them as external functions. The runtime is the one ``libtorch_cpu``'s own dependencies give those
+names (GNU libgomp in the Linux wheels; LLVM's and Intel's runtimes export the same entry points); one
+put ahead of them with ``LD_PRELOAD`` would be torch's but not this module's. Elsewhere
 (macOS, Windows, one thread) :func:`available` is False and callers run their loop on the calling
 thread. As for torch's own ops, a process forked after the team has run should not use it (libgomp's
 threads do not survive a fork).
