@@ -734,7 +734,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             feedback_step.step,
             "rebuilt (kept)",
             lambda: [
-                feedback.rebuild_from_offset(b, w, d, scale)
+                feedback.from_offset(w.detach(), d, scale, out=b)
                 for b, w, d in zip(rebuilt, weights[1:], offsets, strict=True)
             ],
         ),

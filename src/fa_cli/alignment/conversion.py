@@ -177,37 +177,42 @@ def _learned_name(weight_name: str, offset_form: bool) -> str:
     return f"{prefix}.{name}" if last == "weight" and prefix else f"{weight_name}.{name}"
 
 
-class _SharedGradients:
-    """The optimizer step hooks of :func:`train_feedback`'s matrix form: ``B.grad`` is ``W.grad`` for
-    the step, and each group of ``B``s has its ``W``s' group's settings."""
+class _FeedbackSteps:
+    """The optimizer step hooks of :func:`train_feedback`: ``lend`` gives each learned tensor (``B``, or
+    its scale) a gradient for the step and its ``W``'s group's settings, ``take_back`` takes the
+    gradient back after it."""
 
     def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
         self.layers = [(m, _learned(m)) for m in layers]
-        self.pairs = [(m.weight, b) for m, b in self.layers]
         self.companions = companions
+
+    def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        raise NotImplementedError
+
+    def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        for _, learned in self.layers:
+            learned.grad = None
+
+
+class _SharedGradients(_FeedbackSteps):
+    """The matrix form: ``B.grad`` is ``W.grad`` for the step."""
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         _check_held(self.layers)
         # The same tensor, not a copy: copying every W's gradient cost a pass over memory each step
         # (docs/PERFORMANCE.md, seventh round).
-        for weight, feedback in self.pairs:
-            feedback.grad = weight.grad  # type: ignore[union-attr]
+        for layer, feedback in self.layers:
+            feedback.grad = layer.weight.grad
         _follow_settings(optimizer, self.companions)
 
-    def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        for _, feedback in self.pairs:
-            feedback.grad = None  # type: ignore[union-attr]
 
-
-class _OffsetSteps:
-    """The optimizer step hooks of :func:`train_feedback`'s offset form: each ``offset_scale`` steps,
-    with a gradient of 0, where its ``W`` steps (it has a gradient), with its ``W``'s group's
-    settings."""
+class _OffsetSteps(_FeedbackSteps):
+    """The offset form: each ``offset_scale`` steps, with a gradient of 0, where its ``W`` steps (it
+    has a gradient)."""
 
     def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
-        self.layers = [(m, _learned(m)) for m in layers]
+        super().__init__(layers, companions)
         self.zeros = [torch.zeros_like(scale) for _, scale in self.layers]
-        self.companions = companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         _follow_settings(optimizer, self.companions)
@@ -219,10 +224,6 @@ class _OffsetSteps:
         _check_held(self.layers)
         for (layer, scale), zero in zip(self.layers, self.zeros, strict=True):
             scale.grad = zero if layer.weight.grad is not None else None
-
-    def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        for _, scale in self.layers:
-            scale.grad = None
 
 
 class _StateOf:
@@ -262,11 +263,10 @@ class _StateOf:
                     f"{tuple(learned.shape)}, and no B of its W's shape to take them from (see "
                     "fa_cli.alignment.train_feedback)"
                 )
-            # In float64, where the saved moments lie (a checkpoint is read onto the CPU, the model may
-            # be on a GPU); load_state_dict then moves each to its scale.
-            offset = (layer.effective_feedback() - layer.weight.detach()).to(
-                next(iter(moments.values())).device, torch.float64
-            )
+            # B - W = scale * offset, in float64, where the saved moments lie (a checkpoint is read
+            # onto the CPU, the model may be on a GPU); load_state_dict then moves each to its scale.
+            offset, scale = layer.offset_form()  # type: ignore[misc]
+            offset = (offset * scale).to(next(iter(moments.values())).device, torch.float64)
             norm = offset.pow(2).sum()
             projected = {}
             for key, moment in moments.items():

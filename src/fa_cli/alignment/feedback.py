@@ -30,7 +30,7 @@ what the same optimizer makes of a scalar that starts at 1 and whose gradient is
 scale's Adam step is ``0 / (0 + eps)``). There
 :func:`fa_cli.alignment.train_feedback` keeps ``D = B_0 - W_0`` (``feedback_offset``) and ``s``
 (``offset_scale``, the one tensor it trains) instead of ``B`` and its optimizer state, and a backward
-rebuilds ``B`` from them right before its error goes through it (:func:`rebuild_from_offset`): one
+rebuilds ``B`` from them right before its error goes through it (:func:`from_offset`): one
 pass over ``W`` and ``D``, as usf's ``copysign_`` is one pass, where training ``B`` took the
 optimizer's pass over ``B``, its gradient and momentum, for every layer, the first included (whose
 ``B`` no error goes through). ``feedback`` is then the matrix of the last backward, like brsf's, and
@@ -169,12 +169,12 @@ def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
     philox.signed_uniform_(feedback.data, weight.data, bound, philox.draw_key())
 
 
-def rebuild_from_offset(feedback: Tensor, weight: Tensor, offset: Tensor, scale: Tensor) -> None:
-    """kp in its offset form: ``feedback`` becomes ``W + scale * offset`` (``B`` as the optimizer has
-    trained it), in place, in one pass. Called by the backward right before its matmul reads
-    ``feedback`` (as :func:`take_signs` is), and written through ``.data`` as it writes."""
-    # weight, offset, feedback: the weight's shape; scale: a 0-d tensor (no host sync on CUDA).
-    torch.addcmul(weight.data, offset, scale, out=feedback.data)
+def from_offset(weight: Tensor, offset: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """kp in its offset form: ``B = W + scale * offset``, the ``B`` the optimizer has trained, in one
+    pass; into ``out`` when given (the backward rebuilds its ``feedback`` buffer so, through ``.data``,
+    as :func:`take_signs` writes)."""
+    # weight, offset, out: the weight's shape; scale: a 0-d tensor (no host sync on CUDA).
+    return torch.addcmul(weight, offset, scale, out=out)
 
 
 def take_signs(feedback: Tensor, weight: Tensor) -> None:

@@ -62,7 +62,7 @@ class Remake:
 
     def __call__(self, feedback: Tensor) -> None:
         if self.offset is not None:
-            fb.rebuild_from_offset(feedback, self.weight, *self.offset)
+            fb.from_offset(self.weight.data, *self.offset, out=feedback.data)
         elif self.redraw is not None:
             fb.redraw_feedback(feedback, self.weight, self.redraw)
         else:

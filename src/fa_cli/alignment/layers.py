@@ -77,19 +77,14 @@ class AlignmentLayer:
     def reset_feedback(self) -> None:
         """Draw the feedback again from the layer's seed (dfa's is drawn at the next forward). A kp
         layer in its offset form starts again from the new ``B``: ``feedback_offset`` becomes
-        ``B - W`` and ``offset_scale`` 1. A kp ``B`` is redrawn in place, so an optimizer that trains it
-        (or its scale) goes on doing so, with the momentum or moments it has."""
+        ``B - W`` and ``offset_scale`` 1. A matrix of the same shape is redrawn in place, so an optimizer
+        that trains kp's ``B`` (or its scale) goes on doing so, with the momentum or moments it has."""
         feedback = None
         if self.method in fb.WEIGHT_SHAPED:
             feedback = fb.initial_feedback(self.method, self.weight, self.scale, self._generator(), self.init)
         current = self._buffers.get("feedback")  # type: ignore[attr-defined]
-        if (
-            self.method == "kp"
-            and current is not None
-            and feedback is not None
-            and current.shape == feedback.shape
-        ):
-            with torch.no_grad():  # in place: the optimizer may be training this very tensor
+        if current is not None and feedback is not None and current.shape == feedback.shape:
+            with torch.no_grad():  # in place: an optimizer may be training this very tensor (kp)
                 current.copy_(feedback)
         elif "feedback" in self._buffers:  # type: ignore[attr-defined]
             self.feedback = feedback
@@ -107,7 +102,7 @@ class AlignmentLayer:
         the one the last error went through: each backward in training draws its own."""
         offset = self.offset_form()
         if offset is not None:
-            return torch.addcmul(self.weight.detach(), *offset)
+            return fb.from_offset(self.weight.detach(), *offset)
         if self.feedback is None:
             return None
         return fb.effective(self.method, self.weight, self.feedback)
@@ -227,7 +222,7 @@ class AlignmentLayer:
             state_dict[scale] = torch.ones((), dtype=state_dict[offset].dtype)
         elif self.offset_form() is None and has_offset and not has_matrix:
             d, s = state_dict.pop(offset), state_dict.pop(scale)
-            state_dict[matrix] = torch.addcmul(state_dict[weight], d, s)
+            state_dict[matrix] = fb.from_offset(state_dict[weight], d, s)
 
     def _rule_repr(self) -> str:
         text = f"method={self.method}"

@@ -1,10 +1,10 @@
 """Compiled loops on the CPU threads PyTorch itself computes with: its own OpenMP team.
 
 Why not threads of our own: PyTorch's CPU ops run on an OpenMP team whose workers, after each op, spin
-a while waiting for the next one. A thread started beside them (Python's, numba's own pools) finds a
-core held by a spinning worker, and two threads drawing brsf's matrix after a matmul were slower than
-one (docs/PERFORMANCE.md, twelfth and fifteenth rounds). A parallel region opened on that same team is
-taken up at once by the spinning workers instead.
+a while waiting for the next one. A thread started beside them finds a core held by a spinning worker:
+two Python threads drawing brsf's magnitudes took 0.62 of one thread's time alone, but 1.05 of it right
+after a matmul (docs/PERFORMANCE.md, fourth round). A parallel region opened on that same team is taken
+up at once by the spinning workers instead.
 
 How: where PyTorch's parallel backend is OpenMP (Linux), ``GOMP_parallel`` (libgomp's entry point for
 ``#pragma omp parallel``) runs a numba ``cfunc`` on every thread of the calling thread's team, and the
