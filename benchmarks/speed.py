@@ -41,7 +41,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import gc
+import importlib.util
 import io
 import math
 import os
@@ -67,7 +69,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from fa_cli import data, engine, models
-from fa_cli.alignment import METHODS, AlignmentLayer, convert, feedback, philox
+from fa_cli.alignment import METHODS, AlignmentLayer, aes, convert, feedback
 from fa_cli.config import DFAConfig, RunConfig, validate
 from fa_cli.optim import build_optimizer, build_scheduler
 from fa_cli.run import cpu_model, seed_everything
@@ -521,7 +523,7 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
     signs = torch.randn(1_000_000)
     brsf = statistics.median(
-        timed(lambda: philox.signed_uniform_(draws, signs, 1.0, philox.draw_key()), device) for _ in range(20)
+        timed(lambda: aes.signed_uniform_(draws, signs, 1.0, aes.draw_key()), device) for _ in range(20)
     )
     report.table(
         f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
@@ -531,7 +533,7 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
             f"median of {args.limit_rounds} profiled rounds of {args.limit_steps} steps; self CPU time per "
             f"op name. For scale: one copy of all {weights.numel() / 1e6:.2f}M weights takes "
             f"{1e3 * copy:.2f} ms; uniform_ on the CPU generator (mt19937) draws 1M floats in "
-            f"{1e3 * rng:.2f} ms, brsf's Philox 1M signed ones in {1e3 * brsf:.2f} ms (its draw, signs "
+            f"{1e3 * rng:.2f} ms, brsf's AES 1M signed ones in {1e3 * brsf:.2f} ms (its draw, signs "
             "included, is the random-numbers column: brsf's copysign column is 0)."
         ),
     )
@@ -603,14 +605,31 @@ def threaded_draw(out: Tensor, bound: float, pool: ThreadPoolExecutor) -> None:
     other.result()
 
 
-def philox_alone(out: Tensor, signs: Tensor, bound: float) -> None:
-    """brsf's Philox draw on the calling thread alone, as before it was shared over torch's threads."""
-    philox._fill_signed(out.numpy(), signs.numpy(), *philox.draw_key(), bound)
+@functools.cache
+def philox() -> Any:
+    """benchmarks/philox.py: brsf's generator before the seventeenth round (Philox4x32-10), for the
+    parts pair that times it against AES."""
+    spec = importlib.util.spec_from_file_location("philox", Path(__file__).with_name("philox.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def philox_shared(out: Tensor, signs: Tensor, bound: float) -> None:
-    """brsf's Philox draw as it is made now: shared over torch's OpenMP team, where there is one."""
-    philox.signed_uniform_(out, signs, bound, philox.draw_key())
+    """brsf's draw before the seventeenth round: Philox, shared over torch's OpenMP team."""
+    generator = philox()
+    generator.signed_uniform_(out, signs, bound, generator.draw_key())
+
+
+def aes_alone(out: Tensor, signs: Tensor, bound: float) -> None:
+    """brsf's AES draw on the calling thread alone."""
+    key = aes.draw_key()
+    aes._fill(out.numpy(), signs.numpy(), aes._round_keys(key, 0), bound * 2.0**-24)  # key < 2**63
+
+
+def aes_shared(out: Tensor, signs: Tensor, bound: float) -> None:
+    """brsf's AES draw as it is made now: shared over torch's OpenMP team, where there is one."""
+    aes.signed_uniform_(out, signs, bound, aes.draw_key())
 
 
 def section_parts(args: argparse.Namespace, report: Report, device: torch.device) -> None:
@@ -699,17 +718,23 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             "all but the first",
             lambda: [torch.copysign(m, w.detach()) for m, w in zip(magnitudes[1:], weights[1:], strict=True)],
         ),
-        "brsf's matrix, 1M entries with W's signs (ms): torch's generator and copysign_, or Philox": (
+        "brsf's matrix, 1M entries with W's signs (ms): torch's generator and copysign_, or AES": (
             "uniform_, copysign_",
             lambda: draws.uniform_(0.0, 0.1).copysign_(signs),
-            "Philox (kept)",
-            lambda: philox.signed_uniform_(draws, signs, 0.1, philox.draw_key()),
+            "AES (kept)",
+            lambda: aes.signed_uniform_(draws, signs, 0.1, aes.draw_key()),
         ),
-        "brsf's matrix, 1M entries after a 1024x1024 matmul (ms): Philox on one thread, or on torch's": (
-            "calling thread",
-            lambda: (activations.mm(hidden.t()), philox_alone(draws, signs, 0.1)),
-            "torch's OpenMP team (kept)",
+        "brsf's matrix, 1M entries after a 1024x1024 matmul (ms): Philox or AES, on torch's threads": (
+            "Philox (before)",
             lambda: (activations.mm(hidden.t()), philox_shared(draws, signs, 0.1)),
+            "AES (kept)",
+            lambda: (activations.mm(hidden.t()), aes_shared(draws, signs, 0.1)),
+        ),
+        "brsf's matrix, 1M entries after a 1024x1024 matmul (ms): AES on one thread, or on torch's": (
+            "calling thread",
+            lambda: (activations.mm(hidden.t()), aes_alone(draws, signs, 0.1)),
+            "torch's OpenMP team (kept)",
+            lambda: (activations.mm(hidden.t()), aes_shared(draws, signs, 0.1)),
         ),
         "brsf's magnitudes, 1M draws (ms): torch's generator, or numpy's SFC64 seeded from it and scaled": (
             "uniform_ (mt19937)",

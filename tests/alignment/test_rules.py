@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_cli.alignment import Conv1d, Conv2d, Linear, convert, exact_gradients, philox, train_feedback
+from fa_cli.alignment import Conv1d, Conv2d, Linear, aes, convert, exact_gradients, train_feedback
 from fa_cli.alignment.feedback import SIGN_CONCORDANT
 from fa_cli.alignment.metrics import angle
 
@@ -187,7 +187,7 @@ def test_two_forwards_then_one_backward_send_each_error_through_its_own_matrix(m
 def replayed_draw(weight: torch.Tensor, bound: float) -> torch.Tensor:
     """The next brsf matrix the global RNG gives for this weight, drawn here as the backward draws it."""
     matrix = torch.empty_like(weight)
-    philox.signed_uniform_(matrix, weight, bound, philox.draw_key())
+    aes.signed_uniform_(matrix, weight, bound, aes.draw_key())
     return matrix
 
 

@@ -161,12 +161,13 @@ def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
         feedback.data.uniform_(0.0, bound).copysign_(weight.data)
         return
     # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
-    # the 4x1024 MLP; Philox on SIMD registers, with the signs in the same pass, is about five times
-    # faster (docs/PERFORMANCE.md, twelfth round); shared over torch's own threads it takes both cores
-    # (sixteenth round). Imported here: only brsf pays numba's import.
-    from fa_cli.alignment import philox
+    # the 4x1024 MLP; a counter-based generator compiled to SIMD code, with the signs in the same
+    # pass, is several times faster (docs/PERFORMANCE.md, twelfth round: Philox), shared over torch's
+    # own threads it takes both cores (sixteenth round), and AES in the CPU's AES instructions halves
+    # Philox's time (seventeenth round). Imported here: only brsf pays numba's import.
+    from fa_cli.alignment import aes
 
-    philox.signed_uniform_(feedback.data, weight.data, bound, philox.draw_key())
+    aes.signed_uniform_(feedback.data, weight.data, bound, aes.draw_key())
 
 
 def from_offset(weight: Tensor, offset: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:

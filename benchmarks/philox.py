@@ -1,4 +1,6 @@
-"""brsf's matrices on the CPU: uniform magnitudes from Philox4x32-10, with the weight's signs.
+"""brsf's generator on the CPU until the seventeenth round (docs/PERFORMANCE.md), kept here for
+``speed.py --sections parts``, which times it against the AES-128 that replaced it
+(``fa_cli.alignment.aes``): uniform magnitudes from Philox4x32-10, with the weight's signs.
 
 Why not ``torch.Tensor.uniform_``: on the CPU it draws from mt19937, one number after another (2.4 ms
 per million float32 on the Intel machine, 3.8-7.8 ms on the AMD one), and brsf draws one per weight per

@@ -1,0 +1,347 @@
+"""brsf's matrices on the CPU: uniform magnitudes from AES-128 in counter mode, with the weight's signs.
+
+Why not ``torch.Tensor.uniform_``: on the CPU it draws from mt19937, one number after another (2.4 ms
+per million float32 on the Intel machine, 3.8-7.8 ms on the AMD one), and brsf draws one per weight per
+step: 3.1M on the 4x1024 MLP, more than half a backprop step. A counter-mode generator computes block
+``i`` of its stream from ``(i, key)`` alone, so a compiled loop works on many blocks at once and any
+share of the stream can be computed on any thread.
+
+Why AES: it is the standard block cipher (FIPS-197), and its counter mode is NIST's CTR_DRBG generator,
+so the draws are as good as random numbers get; and CPUs compute an AES round in one instruction: on
+x86 AES-NI (every x86-64 CPU since about 2010), with VAES two blocks per instruction (AMD Zen 3, Intel
+Ice Lake and later); on 64-bit ARM the crypto extension's AESE and AESMC. It replaced Philox4x32-10,
+which takes ten multiply rounds in SIMD registers: on the AMD machine a million signed entries took
+0.76 ms on one thread with Philox, 0.37 ms with AES (docs/PERFORMANCE.md, seventeenth round).
+
+The stream of ``n`` numbers under ``key`` (an integer below ``2**128``): block ``i`` is AES-128, under
+the key whose 16 bytes are ``key`` little-endian, of the 16 bytes of ``i`` little-endian: the AES-CTR
+keystream of that counter. Number ``j`` is the little-endian 32-bit word ``j mod 4`` of block
+``j div 4``, and a word ``w`` gives the magnitude ``(w >> 8) * 2**-24 * bound``: float32's 24 bits, in
+``[0, bound)``.
+
+The key comes from torch's global generator (:func:`draw_key`), so ``torch.manual_seed`` makes the
+draws reproducible and a checkpoint of torch's RNG state resumes them exactly.
+
+The compiled loop fills eight blocks (32 entries) at a time with the CPU's AES instructions, and the
+last blocks, fewer than eight, with an AES computed byte by byte from the S-box table. On a CPU without
+AES instructions (x86 before about 2010, ARM boards without the crypto extension such as the
+Raspberry Pi 4, other architectures) that byte-by-byte AES fills everything, on the calling thread:
+the same stream, but about 190 times slower (74 ms per million entries on the AMD machine, against
+0.40 ms with VAES on one thread). A draw of :data:`PARALLEL_FROM` entries or more is shared over
+PyTorch's own CPU threads, its OpenMP team (:mod:`fa_cli.alignment.openmp`), where one is there:
+thread ``t`` of ``T`` fills the ``t``-th of ``T`` runs of the eight-block groups. The stream depends
+neither on how it is shared nor on the instructions that compute it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic
+from torch import Tensor
+
+from fa_cli.alignment import openmp
+
+
+def _sbox() -> np.ndarray:
+    # FIPS-197 5.1.1: each byte's multiplicative inverse in GF(2^8) (0 for 0), then the affine map
+    # b ^ rotl(b, 1) ^ rotl(b, 2) ^ rotl(b, 3) ^ rotl(b, 4) ^ 0x63. The inverses from the powers of 3,
+    # a generator of the field's multiplicative group: inverse(3^k) = 3^(255 - k).
+    power, log = [0] * 255, [0] * 256
+    x = 1
+    for k in range(255):
+        power[k], log[x] = x, k
+        x ^= ((x << 1) ^ (0x11B if x & 0x80 else 0)) & 0xFF  # x * 3 = x * 2 ^ x
+    box = []
+    for b in range(256):
+        inverse = power[(255 - log[b]) % 255] if b else 0
+        rotations = [((inverse << k) | (inverse >> (8 - k))) & 0xFF for k in range(5)]
+        box.append(functools.reduce(int.__xor__, rotations) ^ 0x63)
+    return np.array(box, dtype=np.uint8)
+
+
+_SBOX = _sbox()
+
+
+@njit(cache=True)
+def _round_keys(low: int, high: int) -> np.ndarray:
+    # FIPS-197 5.2, AES-128's key expansion: the 176 bytes of the 11 round keys, from the key's 16
+    # bytes (low, high: its little-endian halves). As 22 little-endian uint64s: round r's in 2r, 2r+1.
+    w = np.zeros(176, np.uint8)
+    for j in range(8):
+        w[j] = (np.uint64(low) >> np.uint64(8 * j)) & np.uint64(0xFF)
+        w[8 + j] = (np.uint64(high) >> np.uint64(8 * j)) & np.uint64(0xFF)
+    rcon = 1
+    for i in range(4, 44):  # word i from words i - 1 and i - 4
+        t0, t1, t2, t3 = w[4 * i - 4], w[4 * i - 3], w[4 * i - 2], w[4 * i - 1]
+        if i % 4 == 0:  # RotWord, SubWord, Rcon
+            t0, t1, t2, t3 = _SBOX[t1] ^ np.uint8(rcon), _SBOX[t2], _SBOX[t3], _SBOX[t0]
+            rcon = ((rcon << 1) ^ 0x11B) if rcon & 0x80 else rcon << 1
+        w[4 * i], w[4 * i + 1] = w[4 * i - 16] ^ t0, w[4 * i - 15] ^ t1
+        w[4 * i + 2], w[4 * i + 3] = w[4 * i - 14] ^ t2, w[4 * i - 13] ^ t3
+    return w.view(np.uint64)
+
+
+@njit(cache=True)
+def _encrypt(counter: int, keys: np.ndarray) -> np.ndarray:
+    # FIPS-197 5.1, byte by byte: the 16 bytes of AES-128 of the block whose bytes are counter (below
+    # 2**64) little-endian, under the round keys (22 uint64s). The state's byte 4c + r is row r of
+    # column c. For the last blocks of a draw, and for CPUs without AES instructions.
+    k = keys.view(np.uint8)
+    s = np.zeros(16, np.uint8)
+    for j in range(8):
+        s[j] = (np.uint64(counter) >> np.uint64(8 * j)) & np.uint64(0xFF)
+    for j in range(16):
+        s[j] ^= k[j]
+    t = np.empty(16, np.uint8)
+    for r in range(1, 11):
+        for c in range(4):  # SubBytes and ShiftRows: row r of column c comes from column c + r
+            for row in range(4):
+                t[4 * c + row] = _SBOX[s[4 * ((c + row) % 4) + row]]
+        if r < 10:  # MixColumns: each column times 3x^3 + x^2 + x + 2 in GF(2^8)
+            for c in range(4):
+                a0, a1, a2, a3 = t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3]
+                e = a0 ^ a1 ^ a2 ^ a3
+                t[4 * c] = a0 ^ e ^ _twice(a0 ^ a1)
+                t[4 * c + 1] = a1 ^ e ^ _twice(a1 ^ a2)
+                t[4 * c + 2] = a2 ^ e ^ _twice(a2 ^ a3)
+                t[4 * c + 3] = a3 ^ e ^ _twice(a3 ^ a0)
+        for j in range(16):
+            s[j] = t[j] ^ k[16 * r + j]
+    return s
+
+
+@njit(cache=True, inline="always")
+def _twice(a: int) -> int:
+    # a * x in GF(2^8), modulo x^8 + x^4 + x^3 + x + 1
+    return np.uint8(((a << 1) ^ 0x1B) if a & 0x80 else (a << 1))
+
+
+@njit(cache=True)
+def _fill_bytewise(
+    out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float, lo: int, hi: int
+) -> None:
+    # Blocks lo..hi-1 with the byte-by-byte AES, each entry copysign(magnitude, signs[j]).
+    n = out.shape[0]
+    for i in range(lo, hi):
+        block = _encrypt(i, keys).view(np.uint32)
+        for q in range(min(4, n - 4 * i)):
+            out[4 * i + q] = np.copysign(
+                np.float32(block[q] >> np.uint32(8)) * np.float32(scale), signs[4 * i + q]
+            )
+
+
+#: Blocks one pass of the compiled loop encrypts (four VAES registers of two blocks, or eight of one).
+GROUP = 8
+
+
+def _instructions(features: str, triple: str) -> str | None:
+    # Which AES instructions numba's target machine (features: LLVM's "+aes,-avx512f,..." string) has.
+    enabled = set(features.split(","))
+    if triple.startswith(("x86_64", "i686", "i386")) and "+aes" in enabled:
+        return "vaes" if {"+vaes", "+avx2"} <= enabled else "aes-ni"
+    if triple.startswith(("aarch64", "arm64")) and "+aes" in enabled:
+        return "armv8"
+    return None
+
+
+def compiled_instructions() -> str | None:
+    """The AES instructions numba compiles for on this machine (``"vaes"``, ``"aes-ni"`` or
+    ``"armv8"``), or None, where the byte-by-byte AES fills every block."""
+    codegen = cpu_target.target_context.codegen()
+    return _instructions(codegen._tm_features, codegen._tm.triple)  # what numba compiles with
+
+
+def emit_group(
+    builder: ir.IRBuilder, kind: str, out: Any, signs: Any, keys: Any, first: Any, scale: Any
+) -> None:
+    """LLVM IR for one pass: blocks ``first`` .. ``first + 7`` of the stream, with ``kind``'s
+    instructions, into ``out[4 * first:]`` (float*) with the sign bits of ``signs[4 * first:]``
+    (float*), from the round keys ``keys`` (i64*, 22), times ``scale`` (float)."""
+    i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
+    blocks = 2 if kind == "vaes" else 1  # per register
+    lanes = ir.VectorType(i64, 2 * blocks)
+    words, floats = ir.VectorType(i32, 4 * blocks), ir.VectorType(ir.FloatType(), 4 * blocks)
+    module = builder.module
+    if kind == "armv8":
+        bytes16 = ir.VectorType(i8, 16)
+        aese = cgutils.get_or_insert_function(
+            module, ir.FunctionType(bytes16, [bytes16, bytes16]), "llvm.aarch64.crypto.aese"
+        )
+        aesmc = cgutils.get_or_insert_function(
+            module, ir.FunctionType(bytes16, [bytes16]), "llvm.aarch64.crypto.aesmc"
+        )
+    else:
+        suffix = ".256" if kind == "vaes" else ""
+        encrypt_type = ir.FunctionType(lanes, [lanes, lanes])
+        aesenc = cgutils.get_or_insert_function(module, encrypt_type, "llvm.x86.aesni.aesenc" + suffix)
+        aesenclast = cgutils.get_or_insert_function(
+            module, encrypt_type, "llvm.x86.aesni.aesenclast" + suffix
+        )
+
+    def vector(values: list[Any]) -> Any:
+        v = ir.Constant(lanes, ir.Undefined)
+        for lane, x in enumerate(values):
+            v = builder.insert_element(v, x, ir.Constant(i32, lane))
+        return v
+
+    round_keys = []
+    for r in range(11):  # (low, high) of round r, in each block's place
+        low, high = (builder.load(builder.gep(keys, [ir.Constant(i64, 2 * r + h)])) for h in (0, 1))
+        round_keys.append(vector([low, high] * blocks))
+    states = []
+    for g in range(GROUP // blocks):  # the counters' 16 bytes: (i, 0) as little-endian uint64s
+        counters = [builder.add(first, ir.Constant(i64, g * blocks + b)) for b in range(blocks)]
+        states.append(vector([x for c in counters for x in (c, ir.Constant(i64, 0))]))
+    if kind == "armv8":
+        # AESE is AddRoundKey, SubBytes, ShiftRows; AESMC MixColumns: the first key goes in with the
+        # first AESE, and the last one is added after the last.
+        keys8 = [builder.bitcast(k, bytes16) for k in round_keys]
+        states = [builder.bitcast(s, bytes16) for s in states]
+        for r in range(9):
+            states = [builder.call(aesmc, [builder.call(aese, [s, keys8[r]])]) for s in states]
+        states = [builder.xor(builder.call(aese, [s, keys8[9]]), keys8[10]) for s in states]
+    else:
+        # AESENC is SubBytes, ShiftRows, MixColumns, AddRoundKey; AESENCLAST leaves out MixColumns.
+        states = [builder.xor(s, round_keys[0]) for s in states]
+        for r in range(1, 10):
+            states = [builder.call(aesenc, [s, round_keys[r]]) for s in states]
+        states = [builder.call(aesenclast, [s, round_keys[10]]) for s in states]
+    scales = ir.Constant(floats, ir.Undefined)
+    for lane in range(4 * blocks):
+        scales = builder.insert_element(scales, scale, ir.Constant(i32, lane))
+    eight = ir.Constant(words, [8] * 4 * blocks)
+    sign_bit = ir.Constant(words, [0x80000000] * 4 * blocks)
+    start = builder.mul(first, ir.Constant(i64, 4))
+    for g, state in enumerate(states):
+        # The words >> 8 are below 2**24: converted exactly as signed (one instruction on x86).
+        magnitude = builder.fmul(
+            builder.sitofp(builder.lshr(builder.bitcast(state, words), eight), floats), scales
+        )
+        at = builder.add(start, ir.Constant(i64, 4 * blocks * g))
+        sign = builder.and_(
+            builder.load(builder.bitcast(builder.gep(signs, [at]), words.as_pointer()), align=4), sign_bit
+        )
+        value = builder.or_(builder.bitcast(magnitude, words), sign)
+        builder.store(value, builder.bitcast(builder.gep(out, [at]), words.as_pointer()), align=4)
+
+
+@intrinsic
+def _group(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: Any) -> Any:
+    # One pass of emit_group, with the instructions numba compiles for.
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> None:
+        out_array, signs_array, keys_array = (
+            context.make_array(t)(context, builder, a)
+            for t, a in zip(signature.args[:3], args[:3], strict=True)
+        )
+        features, triple = context.codegen()._tm_features, context.codegen()._tm.triple
+        kind = _instructions(features, triple)
+        assert kind is not None  # callers check compiled_instructions() first
+        emit_group(builder, kind, out_array.data, signs_array.data, keys_array.data, args[3], args[4])
+
+    return types.void(out, signs, keys, types.uint64, types.float32), codegen
+
+
+@njit(cache=True)
+def _fill_groups(
+    out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float, lo: int, hi: int
+) -> None:
+    # out, signs: (n,) float32, contiguous; groups lo..hi-1 of GROUP blocks, with the AES instructions.
+    for g in range(np.uint64(lo), np.uint64(hi)):
+        _group(out, signs, keys, np.uint64(g) * np.uint64(GROUP), np.float32(scale))
+
+
+@njit(cache=True)
+def _fill(out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float) -> None:
+    # The whole stream on the calling thread: the groups with the AES instructions, then the rest.
+    groups = out.shape[0] // (4 * GROUP)
+    _fill_groups(out, signs, keys, scale, 0, groups)
+    _fill_bytewise(out, signs, keys, scale, GROUP * groups, (out.shape[0] + 3) // 4)
+
+
+@intrinsic
+def _pointer(typingctx: Any, address: Any) -> Any:
+    # An address (int64) as a void pointer, for carray.
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(types.int64), codegen
+
+
+def _share(data: Any) -> None:
+    # On each thread of PyTorch's OpenMP team: data points to int64s (out's address, signs' address,
+    # n, the round keys' address, scale's float64 bits). Thread t of T fills the t-th of T runs of
+    # groups; thread 0 also the last blocks. The stream is the same however it is shared.
+    words = carray(data, (5,), np.int64)
+    n = words[2]
+    out = carray(_pointer(words[0]), (n,), np.float32)
+    signs = carray(_pointer(words[1]), (n,), np.float32)
+    keys = carray(_pointer(words[3]), (22,), np.uint64)
+    scale = carray(data, (5,), np.float64)[4]
+    groups = n // (4 * GROUP)
+    thread, threads = openmp.thread_number(), openmp.team_size()
+    run = (groups + threads - 1) // threads
+    lo = min(groups, thread * run)
+    _fill_groups(out, signs, keys, scale, lo, min(groups, lo + run))
+    if thread == 0:
+        _fill_bytewise(out, signs, keys, scale, GROUP * groups, (n + 3) // 4)
+
+
+@functools.cache
+def _shared_fill() -> int:
+    # Compiled at the first use, once openmp.available() has given LLVM the OpenMP functions' addresses.
+    return cfunc(types.void(types.voidptr), cache=True)(_share).address
+
+
+#: Below this many entries the draw stays on the calling thread: waking the team would cost more.
+PARALLEL_FROM = 1 << 16
+
+
+def draw_key(generator: torch.Generator | None = None) -> int:
+    """A fresh key, one 63-bit draw from ``generator`` (torch's global CPU one if None)."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device="cpu"))
+
+
+def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: int) -> None:
+    """Fill the CPU tensor ``out`` with the ``U(0, bound)`` stream of ``key`` (see above), in its logical
+    order, each entry with the sign bit of the same entry of ``signs`` (a zero's too, as ``copysign``)."""
+    # A call is one layer's draw in one step, so its fixed costs count on small models: float32
+    # contiguous tensors are read and written where they lie; other dtypes and layouts go through
+    # float32 copies.
+    if out.device.type != "cpu":  # the kernel writes through the tensor's address
+        raise ValueError(f"signed_uniform_ fills CPU tensors, not {out.device.type} ones")
+    if signs.numel() != out.numel():  # the kernel reads signs[j] for every j it writes out[j]
+        raise ValueError(f"signs of shape {tuple(signs.shape)} for an output of shape {tuple(out.shape)}")
+    if not 0 <= key < 2**128:
+        raise ValueError(f"an AES-128 key is an integer in [0, 2**128), not {key}")
+    signs = signs.detach()
+    if signs.dtype != torch.float32 or signs.device.type != "cpu" or not signs.is_contiguous():
+        signs = signs.to(device="cpu", dtype=torch.float32).contiguous()
+    direct = out.dtype == torch.float32 and out.is_contiguous()
+    target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
+    keys = _round_keys(np.uint64(key & (2**64 - 1)), np.uint64(key >> 64))
+    scale = float(np.float32(bound) * np.float32(2.0**-24))
+    values, sign_values = target.view(-1).numpy(), signs.view(-1).numpy()
+    if not _HARDWARE:
+        _fill_bytewise(values, sign_values, keys, scale, 0, (values.shape[0] + 3) // 4)
+    elif target.numel() >= PARALLEL_FROM and openmp.available():
+        # On every thread torch computes with, where one would otherwise spin idle beside the draw.
+        words = np.array(
+            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0], dtype=np.int64
+        )
+        words[4:].view(np.float64)[0] = scale
+        openmp.run(_shared_fill(), words.ctypes.data)
+    else:
+        _fill(values, sign_values, keys, scale)
+    if not direct:
+        out.copy_(target)
+
+
+_HARDWARE = compiled_instructions() is not None
