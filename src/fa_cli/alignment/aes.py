@@ -89,49 +89,78 @@ def _round_keys(low: int, high: int) -> np.ndarray:
     return w.view(np.uint64)
 
 
+def _tables() -> np.ndarray:
+    # The four tables of a round computed by lookup (Daemen and Rijmen, "The Design of Rijndael",
+    # 4.2): table r maps a byte b of row r to its column after SubBytes and MixColumns, as a
+    # little-endian uint32 (row k in byte k): (2s, s, s, 3s) for row 0, s = S(b), rotated k rows down
+    # for row k. A round is then four lookups and XORs per column.
+    box = _SBOX.astype(np.uint32)
+    twice = ((box << 1) ^ np.where(box & 0x80, 0x11B, 0)).astype(np.uint32)
+    first = twice | (box << 8) | (box << 16) | ((twice ^ box) << 24)
+    return np.stack([(first << (8 * r)) | (first >> (32 - 8 * r)) if r else first for r in range(4)])
+
+
+_TABLES = _tables()
+
+
 @njit(cache=True)
-def _encrypt(counter: int, keys: np.ndarray) -> np.ndarray:
-    # FIPS-197 5.1, byte by byte: the 16 bytes of AES-128 of the block whose bytes are counter (below
-    # 2**64) little-endian, under the round keys (22 uint64s). The state's byte 4c + r is row r of
-    # column c. For the last blocks of a draw, and for CPUs without AES instructions.
-    k = keys.view(np.uint8)
-    s = np.zeros(16, np.uint8)
-    for j in range(8):
-        s[j] = (np.uint64(counter) >> np.uint64(8 * j)) & np.uint64(0xFF)
-    for j in range(16):
-        s[j] ^= k[j]
-    t = np.empty(16, np.uint8)
-    for r in range(1, 11):
-        for c in range(4):  # SubBytes and ShiftRows: row r of column c comes from column c + r
-            for row in range(4):
-                t[4 * c + row] = _SBOX[s[4 * ((c + row) % 4) + row]]
-        if r < 10:  # MixColumns: each column times 3x^3 + x^2 + x + 2 in GF(2^8)
-            for c in range(4):
-                a0, a1, a2, a3 = t[4 * c], t[4 * c + 1], t[4 * c + 2], t[4 * c + 3]
-                e = a0 ^ a1 ^ a2 ^ a3
-                t[4 * c] = a0 ^ e ^ _twice(a0 ^ a1)
-                t[4 * c + 1] = a1 ^ e ^ _twice(a1 ^ a2)
-                t[4 * c + 2] = a2 ^ e ^ _twice(a2 ^ a3)
-                t[4 * c + 3] = a3 ^ e ^ _twice(a3 ^ a0)
-        for j in range(16):
-            s[j] = t[j] ^ k[16 * r + j]
-    return s
+def _encrypt(counter: int, keys: np.ndarray) -> tuple[int, int, int, int]:
+    # AES-128 (FIPS-197 5.1) by table lookup: the four little-endian words of the block whose 16
+    # bytes are counter (below 2**64) little-endian, under the round keys (22 uint64s). Word c is
+    # column c of the state, its byte r row r; ShiftRows moves row r of column c + r to column c.
+    k = keys.view(np.uint32)
+    t = _TABLES
+    c = np.uint64(counter)
+    s0, s1 = np.uint32(c & np.uint64(0xFFFFFFFF)) ^ k[0], np.uint32(c >> np.uint64(32)) ^ k[1]
+    s2, s3 = k[2], k[3]
+    for r in range(1, 10):
+        s0, s1, s2, s3 = (
+            t[0, s0 & 0xFF] ^ t[1, (s1 >> 8) & 0xFF] ^ t[2, (s2 >> 16) & 0xFF] ^ t[3, s3 >> 24] ^ k[4 * r],
+            t[0, s1 & 0xFF]
+            ^ t[1, (s2 >> 8) & 0xFF]
+            ^ t[2, (s3 >> 16) & 0xFF]
+            ^ t[3, s0 >> 24]
+            ^ k[4 * r + 1],
+            t[0, s2 & 0xFF]
+            ^ t[1, (s3 >> 8) & 0xFF]
+            ^ t[2, (s0 >> 16) & 0xFF]
+            ^ t[3, s1 >> 24]
+            ^ k[4 * r + 2],
+            t[0, s3 & 0xFF]
+            ^ t[1, (s0 >> 8) & 0xFF]
+            ^ t[2, (s1 >> 16) & 0xFF]
+            ^ t[3, s2 >> 24]
+            ^ k[4 * r + 3],
+        )
+    # The last round: SubBytes and ShiftRows, no MixColumns.
+    return (
+        _last_column(s0, s1, s2, s3) ^ k[40],
+        _last_column(s1, s2, s3, s0) ^ k[41],
+        _last_column(s2, s3, s0, s1) ^ k[42],
+        _last_column(s3, s0, s1, s2) ^ k[43],
+    )
 
 
 @njit(cache=True, inline="always")
-def _twice(a: int) -> int:
-    # a * x in GF(2^8), modulo x^8 + x^4 + x^3 + x + 1
-    return np.uint8(((a << 1) ^ 0x1B) if a & 0x80 else (a << 1))
+def _last_column(a: int, b: int, c: int, d: int) -> int:
+    # Row r of the new column from column r after it (a, b, c, d), through the S-box.
+    box = _SBOX
+    return (
+        np.uint32(box[a & 0xFF])
+        | (np.uint32(box[(b >> 8) & 0xFF]) << 8)
+        | (np.uint32(box[(c >> 16) & 0xFF]) << 16)
+        | (np.uint32(box[d >> 24]) << 24)
+    )
 
 
 @njit(cache=True)
 def _fill_bytewise(
     out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float, lo: int, hi: int
 ) -> None:
-    # Blocks lo..hi-1 with the byte-by-byte AES, each entry copysign(magnitude, signs[j]).
+    # Blocks lo..hi-1 by table lookup, each entry copysign(magnitude, signs[j]).
     n = out.shape[0]
     for i in range(lo, hi):
-        block = _encrypt(i, keys).view(np.uint32)
+        block = _encrypt(i, keys)
         for q in range(min(4, n - 4 * i)):
             out[4 * i + q] = np.copysign(
                 np.float32(block[q] >> np.uint32(8)) * np.float32(scale), signs[4 * i + q]
@@ -241,9 +270,13 @@ def _group(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: A
             context.make_array(t)(context, builder, a)
             for t, a in zip(signature.args[:3], args[:3], strict=True)
         )
-        features, triple = context.codegen()._tm_features, context.codegen()._tm.triple
-        kind = _instructions(features, triple)
-        assert kind is not None  # callers check compiled_instructions() first
+        kind = _instructions(context.codegen()._tm_features, context.codegen()._tm.triple)
+        if kind is None:  # never run: _fill_range takes no groups where the CPU has no AES instructions
+            trap = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap"
+            )
+            builder.call(trap, [])
+            return
         emit_group(builder, kind, out_array.data, signs_array.data, keys_array.data, args[3], args[4])
 
     return types.void(out, signs, keys, types.uint64, types.float32), codegen
@@ -259,11 +292,25 @@ def _fill_groups(
 
 
 @njit(cache=True)
-def _fill(out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float) -> None:
-    # The whole stream on the calling thread: the groups with the AES instructions, then the rest.
-    groups = out.shape[0] // (4 * GROUP)
-    _fill_groups(out, signs, keys, scale, 0, groups)
-    _fill_bytewise(out, signs, keys, scale, GROUP * groups, (out.shape[0] + 3) // 4)
+def _fill_range(
+    out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float, hardware: bool, part: int, parts: int
+) -> None:
+    # out, signs: (n,) float32, contiguous. Part `part` of `parts` of the stream: with the AES
+    # instructions (hardware) the part-th run of groups, and for part 0 the blocks after the last
+    # group too; without them the part-th run of blocks, by table lookup.
+    n = out.shape[0]
+    blocks = (n + 3) // 4
+    groups = n // (4 * GROUP) if hardware else 0
+    units = groups if hardware else blocks
+    run = (units + parts - 1) // parts
+    lo = min(units, part * run)
+    hi = min(units, lo + run)
+    if hardware:
+        _fill_groups(out, signs, keys, scale, lo, hi)
+        if part == 0:
+            _fill_bytewise(out, signs, keys, scale, GROUP * groups, blocks)
+    else:
+        _fill_bytewise(out, signs, keys, scale, lo, hi)
 
 
 @intrinsic
@@ -277,21 +324,15 @@ def _pointer(typingctx: Any, address: Any) -> Any:
 
 def _share(data: Any) -> None:
     # On each thread of PyTorch's OpenMP team: data points to int64s (out's address, signs' address,
-    # n, the round keys' address, scale's float64 bits). Thread t of T fills the t-th of T runs of
-    # groups; thread 0 also the last blocks. The stream is the same however it is shared.
-    words = carray(data, (5,), np.int64)
+    # n, the round keys' address, scale's float64 bits, whether the AES instructions are there).
+    # Thread t of T fills part t of T. The stream is the same however it is shared.
+    words = carray(data, (6,), np.int64)
     n = words[2]
     out = carray(_pointer(words[0]), (n,), np.float32)
     signs = carray(_pointer(words[1]), (n,), np.float32)
     keys = carray(_pointer(words[3]), (22,), np.uint64)
-    scale = carray(data, (5,), np.float64)[4]
-    groups = n // (4 * GROUP)
-    thread, threads = openmp.thread_number(), openmp.team_size()
-    run = (groups + threads - 1) // threads
-    lo = min(groups, thread * run)
-    _fill_groups(out, signs, keys, scale, lo, min(groups, lo + run))
-    if thread == 0:
-        _fill_bytewise(out, signs, keys, scale, GROUP * groups, (n + 3) // 4)
+    scale = carray(data, (6,), np.float64)[4]
+    _fill_range(out, signs, keys, scale, words[5] != 0, openmp.thread_number(), openmp.team_size())
 
 
 @functools.cache
@@ -328,18 +369,16 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: int) -> None:
     target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
     keys = _round_keys(np.uint64(key & (2**64 - 1)), np.uint64(key >> 64))
     scale = float(np.float32(bound) * np.float32(2.0**-24))
-    values, sign_values = target.view(-1).numpy(), signs.view(-1).numpy()
-    if not _HARDWARE:
-        _fill_bytewise(values, sign_values, keys, scale, 0, (values.shape[0] + 3) // 4)
-    elif target.numel() >= PARALLEL_FROM and openmp.available():
+    if target.numel() >= PARALLEL_FROM and openmp.available():
         # On every thread torch computes with, where one would otherwise spin idle beside the draw.
         words = np.array(
-            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0], dtype=np.int64
+            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0, _HARDWARE],
+            dtype=np.int64,
         )
-        words[4:].view(np.float64)[0] = scale
+        words[4:5].view(np.float64)[0] = scale
         openmp.run(_shared_fill(), words.ctypes.data)
     else:
-        _fill(values, sign_values, keys, scale)
+        _fill_range(target.view(-1).numpy(), signs.view(-1).numpy(), keys, scale, _HARDWARE, 0, 1)
     if not direct:
         out.copy_(target)
 
