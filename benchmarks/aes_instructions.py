@@ -10,7 +10,7 @@ times every path (the same stream in each; tests/alignment/test_aes.py checks th
         python benchmarks/aes_instructions.py             # AES-NI, one block per instruction
     NUMBA_CACHE_DIR=$(mktemp -d) NUMBA_CPU_NAME=$CPU \\
         NUMBA_CPU_FEATURES=$(echo $F | sed 's/+vaes/-vaes/; s/+aes/-aes/') \\
-        python benchmarks/aes_instructions.py             # none: the byte-by-byte AES
+        python benchmarks/aes_instructions.py             # none: the table-lookup AES
 """
 
 from __future__ import annotations

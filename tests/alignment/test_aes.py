@@ -169,7 +169,7 @@ def test_a_million_draws_look_uniform_and_independent():
 
 
 # Run in a fresh interpreter whose numba compiles for the host less some features: the stream must be
-# the reference's with every kind of instructions, and with none (the byte-by-byte AES alone).
+# the reference's with every kind of instructions, and with none (the table-lookup AES alone).
 STREAM_CHECK = """
 import sys, torch
 sys.path.insert(0, {tests!r})

@@ -10,8 +10,9 @@ Why AES: it is the standard block cipher (FIPS-197), and its counter mode is NIS
 so the draws are as good as random numbers get; and CPUs compute an AES round in one instruction: on
 x86 AES-NI (every x86-64 CPU since about 2010), with VAES two blocks per instruction (AMD Zen 3, Intel
 Ice Lake and later); on 64-bit ARM the crypto extension's AESE and AESMC. It replaced Philox4x32-10,
-which takes ten multiply rounds in SIMD registers: on the AMD machine a million signed entries took
-0.76 ms on one thread with Philox, 0.37 ms with AES (docs/PERFORMANCE.md, seventeenth round).
+whose ten multiply rounds AVX2 computes in many more instructions: on torch's two threads of the AMD
+machine a million signed entries take 0.67-0.73 of Philox's time (docs/PERFORMANCE.md, seventeenth
+round).
 
 The stream of ``n`` numbers under ``key`` (an integer below ``2**128``): block ``i`` is AES-128, under
 the key whose 16 bytes are ``key`` little-endian, of the 16 bytes of ``i`` little-endian: the AES-CTR
@@ -23,14 +24,15 @@ The key comes from torch's global generator (:func:`draw_key`), so ``torch.manua
 draws reproducible and a checkpoint of torch's RNG state resumes them exactly.
 
 The compiled loop fills eight blocks (32 entries) at a time with the CPU's AES instructions, and the
-last blocks, fewer than eight, with an AES computed byte by byte from the S-box table. On a CPU without
-AES instructions (x86 before about 2010, ARM boards without the crypto extension such as the
-Raspberry Pi 4, other architectures) that byte-by-byte AES fills everything, on the calling thread:
-the same stream, but about 190 times slower (74 ms per million entries on the AMD machine, against
-0.40 ms with VAES on one thread). A draw of :data:`PARALLEL_FROM` entries or more is shared over
-PyTorch's own CPU threads, its OpenMP team (:mod:`fa_cli.alignment.openmp`), where one is there:
-thread ``t`` of ``T`` fills the ``t``-th of ``T`` runs of the eight-block groups. The stream depends
-neither on how it is shared nor on the instructions that compute it.
+last blocks, fewer than eight, with an AES by table lookup (four lookups and XORs per column and
+round). On a CPU without AES instructions (x86 before about 2010, ARM boards without the crypto
+extension such as the Raspberry Pi 4, other architectures) that table-lookup AES fills everything:
+the same stream, 45-55 times slower (27.6 ms per million entries on one thread of the AMD machine,
+against 0.51 with VAES; 14.3 ms on two threads). A draw of :data:`PARALLEL_FROM` entries or more is
+shared over PyTorch's own CPU threads, its OpenMP team (:mod:`fa_cli.alignment.openmp`), where one is
+there: thread ``t`` of ``T`` fills the ``t``-th of ``T`` runs of the eight-block groups (of the blocks,
+without AES instructions). The stream depends neither on how it is shared nor on the instructions
+that compute it.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def _last_column(a: int, b: int, c: int, d: int) -> int:
 
 
 @njit(cache=True)
-def _fill_bytewise(
+def _fill_lookup(
     out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float, lo: int, hi: int
 ) -> None:
     # Blocks lo..hi-1 by table lookup, each entry copysign(magnitude, signs[j]).
@@ -183,7 +185,7 @@ def _instructions(features: str, triple: str) -> str | None:
 
 def compiled_instructions() -> str | None:
     """The AES instructions numba compiles for on this machine (``"vaes"``, ``"aes-ni"`` or
-    ``"armv8"``), or None, where the byte-by-byte AES fills every block."""
+    ``"armv8"``), or None, where the table-lookup AES fills every block."""
     codegen = cpu_target.target_context.codegen()
     return _instructions(codegen._tm_features, codegen._tm.triple)  # what numba compiles with
 
@@ -308,9 +310,9 @@ def _fill_range(
     if hardware:
         _fill_groups(out, signs, keys, scale, lo, hi)
         if part == 0:
-            _fill_bytewise(out, signs, keys, scale, GROUP * groups, blocks)
+            _fill_lookup(out, signs, keys, scale, GROUP * groups, blocks)
     else:
-        _fill_bytewise(out, signs, keys, scale, lo, hi)
+        _fill_lookup(out, signs, keys, scale, lo, hi)
 
 
 @intrinsic
