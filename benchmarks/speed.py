@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -606,7 +607,7 @@ def threaded_draw(out: Tensor, bound: float, pool: ThreadPoolExecutor) -> None:
 
 
 @functools.cache
-def philox() -> Any:
+def philox() -> ModuleType:
     """benchmarks/philox.py: brsf's generator before the seventeenth round (Philox4x32-10), for the
     parts pair that times it against AES."""
     spec = importlib.util.spec_from_file_location("philox", Path(__file__).with_name("philox.py"))
@@ -625,8 +626,8 @@ def philox_shared(out: Tensor, signs: Tensor, bound: float) -> None:
 def aes_alone(out: Tensor, signs: Tensor, bound: float) -> None:
     """brsf's AES draw on the calling thread alone."""
     key = aes.draw_key()
-    keys = aes._round_keys(key, 0)  # key < 2**63
-    aes._fill_range(out.numpy(), signs.numpy(), keys, bound * 2.0**-24, aes._HARDWARE, 0, 1)
+    keys, scale = aes.round_keys(key), aes.magnitude_scale(bound)
+    aes.fill_range(out.numpy(), signs.numpy(), keys, scale, aes.HARDWARE, 0, 1)
 
 
 def aes_shared(out: Tensor, signs: Tensor, bound: float) -> None:

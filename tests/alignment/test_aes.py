@@ -8,6 +8,7 @@ import sys
 import threading
 
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 import pytest
 import torch
@@ -15,9 +16,25 @@ from llvmlite import ir
 
 from fa_cli.alignment import aes, openmp
 
-# Rijndael's S-box, as FIPS-197's figure 7 prints it, row by row (its first and last rows).
-SBOX_FIRST_ROW = bytes.fromhex("637c777bf26b6fc53001672bfed7ab76")
-SBOX_LAST_ROW = bytes.fromhex("8ca1890dbfe6426841992d0fb054bb16")
+# Rijndael's S-box, as FIPS-197's figure 7 prints it, row by row.
+SBOX = bytes.fromhex(
+    "637c777bf26b6fc53001672bfed7ab76"
+    "ca82c97dfa5947f0add4a2af9ca472c0"
+    "b7fd9326363ff7cc34a5e5f171d83115"
+    "04c723c31896059a071280e2eb27b275"
+    "09832c1a1b6e5aa0523bd6b329e32f84"
+    "53d100ed20fcb15b6acbbe394a4c58cf"
+    "d0efaafb434d338545f9027f503c9fa8"
+    "51a3408f929d38f5bcb6da2110fff3d2"
+    "cd0c13ec5f974417c4a77e3d645d1973"
+    "60814fdc222a908846eeb814de5e0bdb"
+    "e0323a0a4906245cc2d3ac629195e479"
+    "e7c8376d8dd54ea96c56f4ea657aae08"
+    "ba78252e1ca6b4c6e8dd741f4bbd8b8a"
+    "703eb5664803f60e613557b986c11d9e"
+    "e1f8981169d98e949b1e87e9ce5528df"
+    "8ca1890dbfe6426841992d0fb054bb16"
+)
 
 
 def times_x(a: int) -> int:
@@ -86,7 +103,7 @@ def drawn(out: torch.Tensor, signs: torch.Tensor, bound: float = 0.5, key: int =
 
 
 def test_the_reference_the_s_box_and_the_key_expansion_give_fips_197s_known_answers():
-    assert bytes(aes._SBOX[:16]) == SBOX_FIRST_ROW and bytes(aes._SBOX[-16:]) == SBOX_LAST_ROW
+    assert bytes(aes._SBOX) == SBOX
     key = bytes(range(16))  # FIPS-197 appendix C.1
     plain, cipher = bytes.fromhex("00112233445566778899aabbccddeeff"), "69c4e0d86a7b0430d8cdb78070b4c55a"
     assert encrypt(plain, key).hex() == cipher
@@ -139,6 +156,11 @@ def test_signs_of_another_size_and_keys_outside_aes_128_are_refused():
     for key in (-1, 2**128):
         with pytest.raises(ValueError, match=r"an AES-128 key is an integer in \[0, 2\*\*128\)"):
             aes.signed_uniform_(torch.empty(2, 3), torch.ones(6), 1.0, key)
+    for bound in (-0.5, float("nan")):  # the compiled pass would give every entry a minus sign
+        with pytest.raises(ValueError, match="the magnitudes' bound must be 0 or more"):
+            aes.signed_uniform_(torch.empty(2, 3), torch.ones(6), bound, 0)
+    out = drawn(torch.empty(40), torch.ones(40), 1.0, np.int64(7))  # numpy's integers are keys too
+    assert out.double().tolist() == reference_stream(40, 7)
 
 
 def test_keys_come_from_torchs_generator():
@@ -239,6 +261,59 @@ def test_arm_crypto_instructions_are_emitted_and_compose_to_aes():
     assert bytes(state).hex() == "69c4e0d86a7b0430d8cdb78070b4c55a"
 
 
+@pytest.mark.parametrize(
+    ("features", "triple", "kind"),
+    [
+        ("+aes,+avx2,+vaes,+sse4.2", "x86_64-unknown-linux-gnu", "vaes"),
+        ("+aes,+avx2,-vaes", "x86_64-pc-windows-msvc", "aes-ni"),
+        ("+aes,-avx2,+vaes", "x86_64-apple-darwin", "aes-ni"),  # VAES's 256-bit registers need AVX
+        ("-aes,+avx2,-vaes", "x86_64-unknown-linux-gnu", None),
+        ("+neon,+aes,+sha2", "aarch64-unknown-linux-gnu", "armv8"),
+        ("+neon,+crypto", "arm64-apple-darwin", "armv8"),  # LLVM before 19 named AES "crypto"
+        ("+neon,-aes,-crypto", "aarch64-unknown-linux-gnu", None),
+        ("+aes", "powerpc64le-unknown-linux-gnu", None),
+        ("", "x86_64-unknown-linux-gnu", None),
+    ],
+)
+def test_the_instructions_follow_the_target_machines_features(features, triple, kind):
+    assert aes._instructions(features, triple) == kind
+
+
+@pytest.mark.skipif(aes.compiled_instructions() not in ("vaes", "aes-ni"), reason="needs AES-NI")
+def test_the_arm_sequence_of_rounds_gives_the_stream():
+    # ARMv8's composition (nine AESE+AESMC, one AESE, the last key added), computed with AES-NI's
+    # instructions standing for AESE and AESMC: the IR emit_group writes for ARM, run for real.
+    group = aes.group_intrinsic("armv8-on-x86")
+
+    @numba.njit
+    def fill(out, signs, keys, scale, groups):
+        for g in range(groups):
+            group(out, signs, keys, np.uint64(g * aes.GROUP), np.float32(scale))
+
+    n = 3 * 4 * aes.GROUP
+    signs = torch.randn(n)
+    out = torch.full((n,), float("nan"))
+    fill(out.numpy(), signs.numpy(), aes.round_keys(2**90 + 3), aes.magnitude_scale(1.0), 3)
+    assert out.abs().double().tolist() == reference_stream(n, 2**90 + 3)
+    assert torch.equal(torch.signbit(out), torch.signbit(signs))
+
+
+@pytest.mark.parametrize("hardware", sorted({False, aes.HARDWARE}))
+@pytest.mark.parametrize("n", [0, 5, 63, 64, 100, 1027])
+def test_the_parts_of_a_fill_write_each_entry_once_for_any_number_of_parts(hardware, n):
+    # How the OpenMP team shares a draw, without the team: every part of 1, 2, 3, 7 or 64 (more parts
+    # than groups or blocks) into one output; n = 63 leaves eight blocks after the last group.
+    signs = torch.randn(n)
+    keys, scale = aes.round_keys(99), aes.magnitude_scale(1.0)
+    expected = reference_stream(n, 99)
+    for parts in (1, 2, 3, 7, 64):
+        out = torch.full((n,), float("nan"))
+        for part in range(parts):
+            aes.fill_range(out.numpy(), signs.numpy(), keys, scale, hardware, part, parts)
+        assert out.abs().double().tolist() == expected, parts
+        assert torch.equal(torch.signbit(out), torch.signbit(signs))
+
+
 @pytest.fixture
 def threads():
     """Set torch's thread count for a test (xdist's workers run on one: tests/conftest.py)."""
@@ -259,8 +334,8 @@ def test_large_draws_are_shared_over_pytorchs_openmp_team_and_give_the_same_stre
 
     def alone(n: int, signs: torch.Tensor, bound: float) -> torch.Tensor:
         out = torch.empty(n)
-        keys, scale = aes._round_keys(np.uint64(key), np.uint64(0)), float(torch.tensor(bound) * 2.0**-24)
-        aes._fill_range(out.numpy(), signs.numpy(), keys, scale, aes._HARDWARE, 0, 1)  # calling thread
+        keys, scale = aes.round_keys(key), aes.magnitude_scale(bound)
+        aes.fill_range(out.numpy(), signs.numpy(), keys, scale, aes.HARDWARE, 0, 1)  # calling thread
         return out
 
     for n in (aes.PARALLEL_FROM - 1, aes.PARALLEL_FROM, aes.PARALLEL_FROM + 3, 5 * aes.PARALLEL_FROM + 2):

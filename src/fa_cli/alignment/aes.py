@@ -8,7 +8,7 @@ share of the stream can be computed on any thread.
 
 Why AES: it is the standard block cipher (FIPS-197), and its counter mode is NIST's CTR_DRBG generator,
 so the draws are as good as random numbers get; and CPUs compute an AES round in one instruction: on
-x86 AES-NI (every x86-64 CPU since about 2010), with VAES two blocks per instruction (AMD Zen 3, Intel
+x86 AES-NI (most x86-64 CPUs since about 2010), with VAES two blocks per instruction (AMD Zen 3, Intel
 Ice Lake and later); on 64-bit ARM the crypto extension's AESE and AESMC. It replaced Philox4x32-10,
 whose ten multiply rounds AVX2 computes in many more instructions: on torch's two threads of the AMD
 machine a million signed entries take 0.67-0.73 of Philox's time (docs/PERFORMANCE.md, seventeenth
@@ -24,20 +24,23 @@ The key comes from torch's global generator (:func:`draw_key`), so ``torch.manua
 draws reproducible and a checkpoint of torch's RNG state resumes them exactly.
 
 The compiled loop fills eight blocks (32 entries) at a time with the CPU's AES instructions, and the
-last blocks, fewer than eight, with an AES by table lookup (four lookups and XORs per column and
-round). On a CPU without AES instructions (x86 before about 2010, ARM boards without the crypto
-extension such as the Raspberry Pi 4, other architectures) that table-lookup AES fills everything:
-the same stream, 45-55 times slower (27.6 ms per million entries on one thread of the AMD machine,
-against 0.51 with VAES; 14.3 ms on two threads). A draw of :data:`PARALLEL_FROM` entries or more is
-shared over PyTorch's own CPU threads, its OpenMP team (:mod:`fa_cli.alignment.openmp`), where one is
-there: thread ``t`` of ``T`` fills the ``t``-th of ``T`` runs of the eight-block groups (of the blocks,
-without AES instructions). The stream depends neither on how it is shared nor on the instructions
-that compute it.
+entries after the last whole group of 32 (at most eight blocks, on the team's first thread) with an
+AES by table lookup (four lookups and XORs per column and round). On a CPU without AES instructions
+(x86 before about 2010, ARM boards without the crypto extension such as the Raspberry Pi 4, other
+architectures) that table-lookup AES fills everything: the same stream, 45-55 times slower (27.6 ms
+per million entries on one thread of the AMD machine, against 0.51 with VAES; 14.3 ms on two
+threads). A draw of :data:`PARALLEL_FROM` entries or more is shared over PyTorch's own CPU threads,
+its OpenMP team (:mod:`fa_cli.alignment.openmp`), where one is there: thread ``t`` of ``T`` fills the
+``t``-th of ``T`` runs of the eight-block groups (of the blocks, without AES instructions). The
+stream depends neither on how it is shared nor on the instructions that compute it, on little-endian
+machines (all that PyTorch's CPU wheels are built for but s390x: the words are read in the machine's
+byte order).
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import numpy as np
@@ -174,48 +177,81 @@ GROUP = 8
 
 
 def _instructions(features: str, triple: str) -> str | None:
-    # Which AES instructions numba's target machine (features: LLVM's "+aes,-avx512f,..." string) has.
+    # Which AES instructions a target machine (features: LLVM's "+aes,-avx512f,..." string) has.
+    # LLVM before 19 named ARM's "crypto" (AES and SHA together) where it now names "aes".
     enabled = set(features.split(","))
     if triple.startswith(("x86_64", "i686", "i386")) and "+aes" in enabled:
         return "vaes" if {"+vaes", "+avx2"} <= enabled else "aes-ni"
-    if triple.startswith(("aarch64", "arm64")) and "+aes" in enabled:
+    if triple.startswith(("aarch64", "arm64")) and enabled & {"+aes", "+crypto"}:
         return "armv8"
     return None
+
+
+def _compiled_for(codegen: Any) -> str | None:
+    # numba's cache key for the machine it compiles for: (triple, CPU name, features).
+    try:
+        triple, _, features = codegen.magic_tuple()
+    except (AttributeError, TypeError, ValueError):  # another numba: the table lookup is always right
+        return None
+    return _instructions(features, triple)
 
 
 def compiled_instructions() -> str | None:
     """The AES instructions numba compiles for on this machine (``"vaes"``, ``"aes-ni"`` or
     ``"armv8"``), or None, where the table-lookup AES fills every block."""
-    codegen = cpu_target.target_context.codegen()
-    return _instructions(codegen._tm_features, codegen._tm.triple)  # what numba compiles with
+    return _compiled_for(cpu_target.target_context.codegen())
 
 
-def emit_group(
-    builder: ir.IRBuilder, kind: str, out: Any, signs: Any, keys: Any, first: Any, scale: Any
-) -> None:
-    """LLVM IR for one pass: blocks ``first`` .. ``first + 7`` of the stream, with ``kind``'s
-    instructions, into ``out[4 * first:]`` (float*) with the sign bits of ``signs[4 * first:]``
-    (float*), from the round keys ``keys`` (i64*, 22), times ``scale`` (float)."""
-    i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
-    blocks = 2 if kind == "vaes" else 1  # per register
-    lanes = ir.VectorType(i64, 2 * blocks)
-    words, floats = ir.VectorType(i32, 4 * blocks), ir.VectorType(ir.FloatType(), 4 * blocks)
-    module = builder.module
-    if kind == "armv8":
-        bytes16 = ir.VectorType(i8, 16)
+def _arm_rounds(builder: ir.IRBuilder, native: bool) -> tuple[Any, Any]:
+    # ARMv8's AESE (AddRoundKey, SubBytes, ShiftRows) and AESMC (MixColumns), on <2 x i64>. Not native
+    # (the tests, on x86), the same functions from AES-NI: AESENCLAST with a zero key is SubBytes and
+    # ShiftRows, and AESENC with a zero key after AESDECLAST with a zero key (their inverses) is
+    # MixColumns alone.
+    module, lanes = builder.module, ir.VectorType(ir.IntType(64), 2)
+    if native:
+        bytes16 = ir.VectorType(ir.IntType(8), 16)
         aese = cgutils.get_or_insert_function(
             module, ir.FunctionType(bytes16, [bytes16, bytes16]), "llvm.aarch64.crypto.aese"
         )
         aesmc = cgutils.get_or_insert_function(
             module, ir.FunctionType(bytes16, [bytes16]), "llvm.aarch64.crypto.aesmc"
         )
-    else:
-        suffix = ".256" if kind == "vaes" else ""
-        encrypt_type = ir.FunctionType(lanes, [lanes, lanes])
-        aesenc = cgutils.get_or_insert_function(module, encrypt_type, "llvm.x86.aesni.aesenc" + suffix)
-        aesenclast = cgutils.get_or_insert_function(
-            module, encrypt_type, "llvm.x86.aesni.aesenclast" + suffix
-        )
+
+        def sub_shift(state: Any, key: Any) -> Any:
+            as_bytes = [builder.bitcast(v, bytes16) for v in (state, key)]
+            return builder.bitcast(builder.call(aese, as_bytes), lanes)
+
+        def mix(state: Any) -> Any:
+            return builder.bitcast(builder.call(aesmc, [builder.bitcast(state, bytes16)]), lanes)
+
+        return sub_shift, mix
+    x86 = ir.FunctionType(lanes, [lanes, lanes])
+    enc, last, dec_last = (
+        cgutils.get_or_insert_function(module, x86, f"llvm.x86.aesni.{name}")
+        for name in ("aesenc", "aesenclast", "aesdeclast")
+    )
+    zero = ir.Constant(lanes, [0, 0])
+
+    def emulated_sub_shift(state: Any, key: Any) -> Any:
+        return builder.call(last, [builder.xor(state, key), zero])
+
+    def emulated_mix(state: Any) -> Any:
+        return builder.call(enc, [builder.call(dec_last, [state, zero]), zero])
+
+    return emulated_sub_shift, emulated_mix
+
+
+def emit_group(
+    builder: ir.IRBuilder, kind: str, out: Any, signs: Any, keys: Any, first: Any, scale: Any
+) -> None:
+    """LLVM IR for one pass: blocks ``first`` .. ``first + 7`` of the stream, with ``kind``'s
+    instructions (``"armv8-on-x86"``: ARMv8's sequence of rounds with AES-NI's, for the tests), into
+    ``out[4 * first:]`` (float*) with the sign bits of ``signs[4 * first:]`` (float*), from the round
+    keys ``keys`` (i64*, 22), times ``scale`` (float)."""
+    i64, i32 = ir.IntType(64), ir.IntType(32)
+    blocks = 2 if kind == "vaes" else 1  # per register
+    lanes = ir.VectorType(i64, 2 * blocks)
+    words, floats = ir.VectorType(i32, 4 * blocks), ir.VectorType(ir.FloatType(), 4 * blocks)
 
     def vector(values: list[Any]) -> Any:
         v = ir.Constant(lanes, ir.Undefined)
@@ -231,20 +267,23 @@ def emit_group(
     for g in range(GROUP // blocks):  # the counters' 16 bytes: (i, 0) as little-endian uint64s
         counters = [builder.add(first, ir.Constant(i64, g * blocks + b)) for b in range(blocks)]
         states.append(vector([x for c in counters for x in (c, ir.Constant(i64, 0))]))
-    if kind == "armv8":
-        # AESE is AddRoundKey, SubBytes, ShiftRows; AESMC MixColumns: the first key goes in with the
-        # first AESE, and the last one is added after the last.
-        keys8 = [builder.bitcast(k, bytes16) for k in round_keys]
-        states = [builder.bitcast(s, bytes16) for s in states]
+    if kind.startswith("armv8"):
+        # AESE adds its key first, so round r's key goes in with the next round's AESE, and the last
+        # key is added after the last AESE.
+        sub_shift, mix = _arm_rounds(builder, native=kind == "armv8")
         for r in range(9):
-            states = [builder.call(aesmc, [builder.call(aese, [s, keys8[r]])]) for s in states]
-        states = [builder.xor(builder.call(aese, [s, keys8[9]]), keys8[10]) for s in states]
+            states = [mix(sub_shift(s, round_keys[r])) for s in states]
+        states = [builder.xor(sub_shift(s, round_keys[9]), round_keys[10]) for s in states]
     else:
         # AESENC is SubBytes, ShiftRows, MixColumns, AddRoundKey; AESENCLAST leaves out MixColumns.
+        suffix = ".256" if kind == "vaes" else ""
+        x86 = ir.FunctionType(lanes, [lanes, lanes])
+        enc = cgutils.get_or_insert_function(builder.module, x86, "llvm.x86.aesni.aesenc" + suffix)
+        last = cgutils.get_or_insert_function(builder.module, x86, "llvm.x86.aesni.aesenclast" + suffix)
         states = [builder.xor(s, round_keys[0]) for s in states]
         for r in range(1, 10):
-            states = [builder.call(aesenc, [s, round_keys[r]]) for s in states]
-        states = [builder.call(aesenclast, [s, round_keys[10]]) for s in states]
+            states = [builder.call(enc, [s, round_keys[r]]) for s in states]
+        states = [builder.call(last, [s, round_keys[10]]) for s in states]
     scales = ir.Constant(floats, ir.Undefined)
     for lane in range(4 * blocks):
         scales = builder.insert_element(scales, scale, ir.Constant(i32, lane))
@@ -252,7 +291,8 @@ def emit_group(
     sign_bit = ir.Constant(words, [0x80000000] * 4 * blocks)
     start = builder.mul(first, ir.Constant(i64, 4))
     for g, state in enumerate(states):
-        # The words >> 8 are below 2**24: converted exactly as signed (one instruction on x86).
+        # The words >> 8 are below 2**24: converted exactly as signed (one instruction on x86). The
+        # magnitude's sign bit is clear (scale >= 0), so OR-ing in the sign's bit is copysign.
         magnitude = builder.fmul(
             builder.sitofp(builder.lshr(builder.bitcast(state, words), eight), floats), scales
         )
@@ -264,24 +304,35 @@ def emit_group(
         builder.store(value, builder.bitcast(builder.gep(out, [at]), words.as_pointer()), align=4)
 
 
-@intrinsic
-def _group(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: Any) -> Any:
-    # One pass of emit_group, with the instructions numba compiles for.
+def group_intrinsic(kind: str | None = None) -> Any:
+    """A numba intrinsic ``(out, signs, keys, first, scale)`` that emits one pass of
+    :func:`emit_group` with ``kind``'s instructions, or (None) with those numba compiles for; out and
+    signs float32 arrays, keys the 22 uint64 round keys, all contiguous."""
+
+    def typer(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: Any) -> Any:
+        floats = types.Array(types.float32, 1, "C")
+        if (out, signs, keys) != (floats, floats, types.Array(types.uint64, 1, "C")):
+            return None  # the pass writes through raw pointers: no other layout or dtype
+        return types.void(out, signs, keys, types.uint64, types.float32), codegen
+
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> None:
         out_array, signs_array, keys_array = (
             context.make_array(t)(context, builder, a)
             for t, a in zip(signature.args[:3], args[:3], strict=True)
         )
-        kind = _instructions(context.codegen()._tm_features, context.codegen()._tm.triple)
-        if kind is None:  # never run: _fill_range takes no groups where the CPU has no AES instructions
+        target = kind or _compiled_for(context.codegen())
+        if target is None:  # never run: fill_range takes no groups where the CPU has no AES instructions
             trap = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap"
             )
             builder.call(trap, [])
             return
-        emit_group(builder, kind, out_array.data, signs_array.data, keys_array.data, args[3], args[4])
+        emit_group(builder, target, out_array.data, signs_array.data, keys_array.data, args[3], args[4])
 
-    return types.void(out, signs, keys, types.uint64, types.float32), codegen
+    return intrinsic(typer)
+
+
+_group = group_intrinsic()
 
 
 @njit(cache=True)
@@ -294,12 +345,14 @@ def _fill_groups(
 
 
 @njit(cache=True)
-def _fill_range(
+def fill_range(
     out: np.ndarray, signs: np.ndarray, keys: np.ndarray, scale: float, hardware: bool, part: int, parts: int
 ) -> None:
-    # out, signs: (n,) float32, contiguous. Part `part` of `parts` of the stream: with the AES
-    # instructions (hardware) the part-th run of groups, and for part 0 the blocks after the last
-    # group too; without them the part-th run of blocks, by table lookup.
+    """Part ``part`` of ``parts`` of the stream (:func:`signed_uniform_` on one thread: part 0 of 1):
+    ``out`` and ``signs`` contiguous float32 of one length, ``keys`` from :func:`round_keys`, ``scale``
+    from :func:`magnitude_scale`. With the AES instructions (``hardware``: :data:`HARDWARE`) it is the
+    part-th run of eight-block groups, and for part 0 the blocks after the last group too; without
+    them the part-th run of blocks, by table lookup."""
     n = out.shape[0]
     blocks = (n + 3) // 4
     groups = n // (4 * GROUP) if hardware else 0
@@ -334,7 +387,7 @@ def _share(data: Any) -> None:
     signs = carray(_pointer(words[1]), (n,), np.float32)
     keys = carray(_pointer(words[3]), (22,), np.uint64)
     scale = carray(data, (6,), np.float64)[4]
-    _fill_range(out, signs, keys, scale, words[5] != 0, openmp.thread_number(), openmp.team_size())
+    fill_range(out, signs, keys, scale, words[5] != 0, openmp.thread_number(), openmp.team_size())
 
 
 @functools.cache
@@ -352,6 +405,23 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**63 - 1, (), generator=generator, device="cpu"))
 
 
+def round_keys(key: int) -> np.ndarray:
+    """AES-128's eleven round keys for ``key`` (an integer in ``[0, 2**128)``), as the 22
+    little-endian uint64s the fills read."""
+    key = operator.index(key)  # numpy's integers too
+    if not 0 <= key < 2**128:
+        raise ValueError(f"an AES-128 key is an integer in [0, 2**128), not {key}")
+    return _round_keys(np.uint64(key & (2**64 - 1)), np.uint64(key >> 64))
+
+
+def magnitude_scale(bound: float) -> float:
+    """What a word's top 24 bits are multiplied by: ``bound * 2**-24`` in float32, as the fills
+    compute it."""
+    if not bound >= 0:  # NaN too: the compiled pass ORs the signs' bits into non-negative magnitudes
+        raise ValueError(f"the magnitudes' bound must be 0 or more, not {bound}")
+    return float(np.float32(bound) * np.float32(2.0**-24))
+
+
 def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: int) -> None:
     """Fill the CPU tensor ``out`` with the ``U(0, bound)`` stream of ``key`` (see above), in its logical
     order, each entry with the sign bit of the same entry of ``signs`` (a zero's too, as ``copysign``)."""
@@ -362,27 +432,25 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: int) -> None:
         raise ValueError(f"signed_uniform_ fills CPU tensors, not {out.device.type} ones")
     if signs.numel() != out.numel():  # the kernel reads signs[j] for every j it writes out[j]
         raise ValueError(f"signs of shape {tuple(signs.shape)} for an output of shape {tuple(out.shape)}")
-    if not 0 <= key < 2**128:
-        raise ValueError(f"an AES-128 key is an integer in [0, 2**128), not {key}")
+    keys, scale = round_keys(key), magnitude_scale(bound)
     signs = signs.detach()
     if signs.dtype != torch.float32 or signs.device.type != "cpu" or not signs.is_contiguous():
         signs = signs.to(device="cpu", dtype=torch.float32).contiguous()
     direct = out.dtype == torch.float32 and out.is_contiguous()
     target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
-    keys = _round_keys(np.uint64(key & (2**64 - 1)), np.uint64(key >> 64))
-    scale = float(np.float32(bound) * np.float32(2.0**-24))
     if target.numel() >= PARALLEL_FROM and openmp.available():
         # On every thread torch computes with, where one would otherwise spin idle beside the draw.
         words = np.array(
-            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0, _HARDWARE],
+            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0, HARDWARE],
             dtype=np.int64,
         )
         words[4:5].view(np.float64)[0] = scale
         openmp.run(_shared_fill(), words.ctypes.data)
     else:
-        _fill_range(target.view(-1).numpy(), signs.view(-1).numpy(), keys, scale, _HARDWARE, 0, 1)
+        fill_range(target.view(-1).numpy(), signs.view(-1).numpy(), keys, scale, HARDWARE, 0, 1)
     if not direct:
         out.copy_(target)
 
 
-_HARDWARE = compiled_instructions() is not None
+#: Whether the CPU's AES instructions fill the draws' groups (else the table lookup fills every block).
+HARDWARE = compiled_instructions() is not None

@@ -163,8 +163,9 @@ def redraw_feedback(feedback: Tensor, weight: Tensor, bound: float) -> None:
     # On the CPU torch's generator is a serial mt19937, which made brsf's step 1.7-2.0x backprop's on
     # the 4x1024 MLP; a counter-based generator compiled to SIMD code, with the signs in the same
     # pass, is several times faster (docs/PERFORMANCE.md, twelfth round: Philox), shared over torch's
-    # own threads it takes both cores (sixteenth round), and AES in the CPU's AES instructions halves
-    # Philox's time (seventeenth round). Imported here: only brsf pays numba's import.
+    # own threads it takes both cores (sixteenth round), and AES in the CPU's AES instructions takes
+    # 0.67-0.73 of Philox's time on two threads (seventeenth round). Imported here: only brsf pays
+    # numba's import.
     from fa_cli.alignment import aes
 
     aes.signed_uniform_(feedback.data, weight.data, bound, aes.draw_key())
