@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from numba import carray, cfunc, njit, types
-from numba.extending import intrinsic
 from torch import Tensor
 
 from fa_cli.alignment import openmp
@@ -102,23 +101,14 @@ def _fill_signed(out: np.ndarray, signs: np.ndarray, k0: int, k1: int, bound: fl
     _fill_tail(out, signs, k0, k1, bound)
 
 
-@intrinsic
-def _pointer(typingctx: Any, address: Any) -> Any:
-    # An address (int64) as a void pointer, for carray.
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
-
-    return types.voidptr(types.int64), codegen
-
-
 def _share(data: Any) -> None:
     # On each thread of PyTorch's OpenMP team: data points to int64s (out's address, signs' address,
     # n, k0, k1, bound's float64 bits). Thread t of T fills the t-th of T runs of blocks; thread 0
     # also the tail. The stream is the same however it is shared.
     words = carray(data, (6,), np.int64)
     n = words[2]
-    out = carray(_pointer(words[0]), (n,), np.float32)
-    signs = carray(_pointer(words[1]), (n,), np.float32)
+    out = carray(openmp.pointer(words[0]), (n,), np.float32)
+    signs = carray(openmp.pointer(words[1]), (n,), np.float32)
     bound = carray(data, (6,), np.float64)[5]
     m = n // 4
     thread, threads = openmp.thread_number(), openmp.team_size()
@@ -147,26 +137,13 @@ def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
 
 
 def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: tuple[int, int]) -> None:
-    """Fill the CPU tensor ``out`` with the ``U(0, bound)`` stream of ``key`` (see above), in its logical
-    order, each entry with the sign bit of the same entry of ``signs`` (a zero's too, as ``copysign``)."""
-    # A call is one layer's draw in one step, so its fixed costs count on small models: float32
-    # contiguous tensors are read and written where they lie; other dtypes and layouts go through
-    # float32 copies.
-    if out.device.type != "cpu":  # the kernel writes through the tensor's address
-        raise ValueError(f"signed_uniform_ fills CPU tensors, not {out.device.type} ones")
-    if signs.numel() != out.numel():  # the kernel reads signs[j] for every j it writes out[j]
-        raise ValueError(f"signs of shape {tuple(signs.shape)} for an output of shape {tuple(out.shape)}")
-    signs = signs.detach()
-    if signs.dtype != torch.float32 or signs.device.type != "cpu" or not signs.is_contiguous():
-        signs = signs.to(device="cpu", dtype=torch.float32).contiguous()
-    direct = out.dtype == torch.float32 and out.is_contiguous()
-    target = out.detach() if direct else torch.empty(out.shape, dtype=torch.float32)
-    if target.numel() >= PARALLEL_FROM and openmp.available():
+    """Fill the contiguous float32 CPU tensor ``out`` with the ``U(0, bound)`` stream of ``key`` (see
+    above), each entry with the sign bit of the same entry of ``signs`` (contiguous float32 too): the
+    draw as it was made for such tensors, the only kind the parts pair passes."""
+    if out.numel() >= PARALLEL_FROM and openmp.available():
         # On every thread torch computes with, where one would otherwise spin idle beside the draw.
-        words = np.array([target.data_ptr(), signs.data_ptr(), target.numel(), *key, 0], dtype=np.int64)
+        words = np.array([out.data_ptr(), signs.data_ptr(), out.numel(), *key, 0], dtype=np.int64)
         words[5:].view(np.float64)[0] = bound
         openmp.run(_shared_fill(), words.ctypes.data)
     else:
-        _fill_signed(target.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)
-    if not direct:
-        out.copy_(target)
+        _fill_signed(out.view(-1).numpy(), signs.view(-1).numpy(), key[0], key[1], bound)

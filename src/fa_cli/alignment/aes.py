@@ -368,24 +368,15 @@ def fill_range(
         _fill_lookup(out, signs, keys, scale, lo, hi)
 
 
-@intrinsic
-def _pointer(typingctx: Any, address: Any) -> Any:
-    # An address (int64) as a void pointer, for carray.
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
-
-    return types.voidptr(types.int64), codegen
-
-
 def _share(data: Any) -> None:
     # On each thread of PyTorch's OpenMP team: data points to int64s (out's address, signs' address,
     # n, the round keys' address, scale's float64 bits, whether the AES instructions are there).
     # Thread t of T fills part t of T. The stream is the same however it is shared.
     words = carray(data, (6,), np.int64)
     n = words[2]
-    out = carray(_pointer(words[0]), (n,), np.float32)
-    signs = carray(_pointer(words[1]), (n,), np.float32)
-    keys = carray(_pointer(words[3]), (22,), np.uint64)
+    out = carray(openmp.pointer(words[0]), (n,), np.float32)
+    signs = carray(openmp.pointer(words[1]), (n,), np.float32)
+    keys = carray(openmp.pointer(words[3]), (22,), np.uint64)
     scale = carray(data, (6,), np.float64)[4]
     fill_range(out, signs, keys, scale, words[5] != 0, openmp.thread_number(), openmp.team_size())
 

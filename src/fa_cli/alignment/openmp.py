@@ -25,9 +25,23 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def pointer(typingctx: Any, address: Any) -> Any:
+    """In a cfunc: an address (int64, as :func:`run`'s data passes them) as a void pointer, for
+    ``numba.carray``."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(types.int64), codegen
+
 
 #: The calling thread's number in its team, and the team's size: for cfuncs, once :func:`available`.
 thread_number = types.ExternalFunction("omp_get_thread_num", types.intc())
