@@ -156,9 +156,14 @@ def test_signs_of_another_size_and_keys_outside_aes_128_are_refused():
     for key in (-1, 2**128):
         with pytest.raises(ValueError, match=r"an AES-128 key is an integer in \[0, 2\*\*128\)"):
             aes.signed_uniform_(torch.empty(2, 3), torch.ones(6), 1.0, key)
-    for bound in (-0.5, float("nan")):  # the compiled pass would give every entry a minus sign
-        with pytest.raises(ValueError, match="the magnitudes' bound must be 0 or more"):
+    for bound in (-0.5, float("nan"), float("inf")):  # the compiled pass would give every entry a minus sign
+        with pytest.raises(ValueError, match="the magnitudes' bound must be finite and 0 or more"):
             aes.signed_uniform_(torch.empty(2, 3), torch.ones(6), bound, 0)
+    signs = torch.tensor([1.0, -1.0, 0.0, -0.0] * 10)
+    zeros = drawn(torch.empty(40), signs, -0.0)  # a bound of -0.0 gives zeros with the signs' sign bits
+    assert torch.equal(zeros.abs(), torch.zeros(40)) and torch.equal(
+        torch.signbit(zeros), torch.signbit(signs)
+    )
     out = drawn(torch.empty(40), torch.ones(40), 1.0, np.int64(7))  # numpy's integers are keys too
     assert out.double().tolist() == reference_stream(40, 7)
 
@@ -300,16 +305,22 @@ def test_the_arm_sequence_of_rounds_gives_the_stream():
 
 @pytest.mark.parametrize("hardware", sorted({False, aes.HARDWARE}))
 @pytest.mark.parametrize("n", [0, 5, 63, 64, 100, 1027])
-def test_the_parts_of_a_fill_write_each_entry_once_for_any_number_of_parts(hardware, n):
-    # How the OpenMP team shares a draw, without the team: every part of 1, 2, 3, 7 or 64 (more parts
-    # than groups or blocks) into one output; n = 63 leaves eight blocks after the last group.
+def test_the_parts_of_a_fill_write_each_entry_exactly_once_for_any_number_of_parts(hardware, n):
+    # How the OpenMP team shares a draw, without the team: 1, 2, 3, 7 or 64 parts (more parts than
+    # groups or blocks), each into an output of its own; n = 63 leaves eight blocks after the last group.
     signs = torch.randn(n)
     keys, scale = aes.round_keys(99), aes.magnitude_scale(1.0)
     expected = reference_stream(n, 99)
     for parts in (1, 2, 3, 7, 64):
+        written = torch.zeros(n, dtype=torch.long)
         out = torch.full((n,), float("nan"))
         for part in range(parts):
-            aes.fill_range(out.numpy(), signs.numpy(), keys, scale, hardware, part, parts)
+            alone = torch.full((n,), float("nan"))
+            aes.fill_range(alone.numpy(), signs.numpy(), keys, scale, hardware, part, parts)
+            mine = ~alone.isnan()
+            written += mine
+            out[mine] = alone[mine]
+        assert torch.equal(written, torch.ones(n, dtype=torch.long)), parts  # every entry, by one part
         assert out.abs().double().tolist() == expected, parts
         assert torch.equal(torch.signbit(out), torch.signbit(signs))
 

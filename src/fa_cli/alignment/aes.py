@@ -40,6 +40,7 @@ byte order).
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Any
 
@@ -309,10 +310,19 @@ def group_intrinsic(kind: str | None = None) -> Any:
     :func:`emit_group` with ``kind``'s instructions, or (None) with those numba compiles for; out and
     signs float32 arrays, keys the 22 uint64 round keys, all contiguous."""
 
-    def typer(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: Any) -> Any:
-        floats = types.Array(types.float32, 1, "C")
-        if (out, signs, keys) != (floats, floats, types.Array(types.uint64, 1, "C")):
-            return None  # the pass writes through raw pointers: no other layout or dtype
+    def aes_group(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: Any) -> Any:
+        # The pass reads and writes through raw pointers: contiguous arrays of these dtypes only.
+        def vector(array: Any, dtype: Any) -> bool:
+            return isinstance(array, types.Array) and (array.dtype, array.ndim, array.layout) == (
+                dtype,
+                1,
+                "C",
+            )
+
+        if not (vector(out, types.float32) and out.mutable and vector(signs, types.float32)):
+            return None
+        if not vector(keys, types.uint64):
+            return None
         return types.void(out, signs, keys, types.uint64, types.float32), codegen
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> None:
@@ -329,7 +339,7 @@ def group_intrinsic(kind: str | None = None) -> Any:
             return
         emit_group(builder, target, out_array.data, signs_array.data, keys_array.data, args[3], args[4])
 
-    return intrinsic(typer)
+    return intrinsic(aes_group)
 
 
 _group = group_intrinsic()
@@ -354,6 +364,9 @@ def fill_range(
     part-th run of eight-block groups, and for part 0 the blocks after the last group too; without
     them the part-th run of blocks, by table lookup."""
     n = out.shape[0]
+    if signs.shape[0] != n or keys.shape[0] != 22:  # read through raw pointers: never past their ends
+        raise ValueError("fill_range: signs of out's length and 22 round keys")
+    hardware = hardware and HARDWARE  # a CPU without AES instructions has no group pass to run
     blocks = (n + 3) // 4
     groups = n // (4 * GROUP) if hardware else 0
     units = groups if hardware else blocks
@@ -408,9 +421,10 @@ def round_keys(key: int) -> np.ndarray:
 def magnitude_scale(bound: float) -> float:
     """What a word's top 24 bits are multiplied by: ``bound * 2**-24`` in float32, as the fills
     compute it."""
-    if not bound >= 0:  # NaN too: the compiled pass ORs the signs' bits into non-negative magnitudes
-        raise ValueError(f"the magnitudes' bound must be 0 or more, not {bound}")
-    return float(np.float32(bound) * np.float32(2.0**-24))
+    if not (math.isfinite(bound) and bound >= 0):
+        raise ValueError(f"the magnitudes' bound must be finite and 0 or more, not {bound}")
+    # abs: -0.0 too must give magnitudes whose sign bit is clear, as the compiled pass ORs the signs in
+    return abs(float(np.float32(bound) * np.float32(2.0**-24)))
 
 
 def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: int) -> None:

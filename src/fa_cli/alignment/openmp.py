@@ -40,6 +40,8 @@ def pointer(typingctx: Any, address: Any) -> Any:
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
 
+    if not isinstance(address, types.Integer):
+        return None
     return types.voidptr(types.int64), codegen
 
 
