@@ -523,9 +523,7 @@ def section_limits(args: argparse.Namespace, report: Report, device: torch.devic
     draws = torch.empty(1_000_000)
     rng = statistics.median(timed(lambda: draws.uniform_(), device) for _ in range(20))
     signs = torch.randn(1_000_000)
-    brsf = statistics.median(
-        timed(lambda: aes.signed_uniform_(draws, signs, 1.0, aes.draw_key()), device) for _ in range(20)
-    )
+    brsf = statistics.median(timed(lambda: aes_shared(draws, signs, 1.0), device) for _ in range(20))
     report.table(
         f"Where a step of the 4x1024 MLP goes, by kind of op: ms per step (torch.profiler), {device}",
         ["method", "total", *kinds],
@@ -725,7 +723,7 @@ def section_parts(args: argparse.Namespace, report: Report, device: torch.device
             "uniform_, copysign_",
             lambda: draws.uniform_(0.0, 0.1).copysign_(signs),
             "AES (kept)",
-            lambda: aes.signed_uniform_(draws, signs, 0.1, aes.draw_key()),
+            lambda: aes_shared(draws, signs, 0.1),
         ),
         "brsf's matrix, 1M entries with W's signs on torch's threads (ms): Philox4x32-10, or AES-128": (
             "Philox (before)",

@@ -406,6 +406,17 @@ def test_kp_feedback_takes_exactly_ws_update(name, clip):
     assert not torch.equal(_aligned(model)[0].effective_feedback(), _kp_pair()[0][0].feedback)  # B learned
 
 
+def _kp_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, matrix=False):
+    """One training step of a kp model; ``matrix``: its B in ``opt`` itself (not through
+    train_feedback), given a copy of W's gradient by hand."""
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if matrix:
+        for m in _aligned(model):
+            m.feedback.grad = m.weight.grad.clone()
+    opt.step()
+
+
 def _kp_trained(steps: int) -> nn.Module:
     """A kp model in the offset form after ``steps`` SGD steps with momentum and weight decay."""
     model = _kp_pair()[0]
@@ -413,9 +424,7 @@ def _kp_trained(steps: int) -> nn.Module:
     train_feedback(model, opt)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        _kp_step(model, opt, x, y)
     return model
 
 
@@ -454,19 +463,10 @@ def test_kp_state_of_b_itself_resumes_in_the_offset_form(make):
     # into a model in the offset form, three more steps must match going on in the matrix form.
     model, _ = _kp_pair()
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-
-    def step(model, opt, matrix):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if matrix:
-            for m in _aligned(model):
-                m.feedback.grad = m.weight.grad.clone()
-        opt.step()
-
     opt = make(model.parameters())
     opt.add_param_group({"params": [m.feedback for m in _aligned(model)]})
     for _ in range(3):
-        step(model, opt, matrix=True)
+        _kp_step(model, opt, x, y, matrix=True)
     # Copies: load_state_dict keeps a saved tensor that needs no cast, which would be opt's own.
     model_state, optimizer_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     untouched = copy.deepcopy(optimizer_state)
@@ -482,24 +482,18 @@ def test_kp_state_of_b_itself_resumes_in_the_offset_form(make):
         v.dim() == 0 for m in _aligned(resumed) for v in resumed_opt.state[m.offset_form()[1]].values()
     )
     for _ in range(3):
-        step(model, opt, matrix=True)
-        step(resumed, resumed_opt, matrix=False)
+        _kp_step(model, opt, x, y, matrix=True)
+        _kp_step(resumed, resumed_opt, x, y)
     _assert_same_kp(resumed, model, exact=False)
 
 
 def test_kp_scale_state_for_b_itself_and_decay_given_to_adam_later_are_refused():
     model = _kp_pair()[0]
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-
-    def trained(opt):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        return opt
-
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train_feedback(model, sgd)
-    state = trained(sgd).state_dict()  # the scales' 0-d momentum in group 1
+    _kp_step(model, sgd, x, y)
+    state = sgd.state_dict()  # the scales' 0-d momentum in group 1
     rprop = torch.optim.Rprop(model.parameters())  # B itself learns
     train_feedback(model, rprop)
     with pytest.raises(
@@ -508,11 +502,11 @@ def test_kp_scale_state_for_b_itself_and_decay_given_to_adam_later_are_refused()
         rprop.load_state_dict(state)
     adam = torch.optim.Adam(model.parameters(), lr=0.01)
     train_feedback(model, adam)
-    trained(adam)
+    _kp_step(model, adam, x, y)
     for group in adam.param_groups:
         group["weight_decay"] = 1e-2
     with pytest.raises(RuntimeError, match="no longer keep B - W a multiple of its start"):
-        trained(adam)
+        _kp_step(model, adam, x, y)
 
 
 @pytest.mark.parametrize(

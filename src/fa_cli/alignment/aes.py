@@ -6,13 +6,13 @@ step: 3.1M on the 4x1024 MLP, more than half a backprop step. A counter-mode gen
 ``i`` of its stream from ``(i, key)`` alone, so a compiled loop works on many blocks at once and any
 share of the stream can be computed on any thread.
 
-Why AES: it is the standard block cipher (FIPS-197), and its counter mode is NIST's CTR_DRBG generator,
-so the draws are as good as random numbers get; and CPUs compute an AES round in one instruction: on
-x86 AES-NI (most x86-64 CPUs since about 2010), with VAES two blocks per instruction (AMD Zen 3, Intel
-Ice Lake and later); on 64-bit ARM the crypto extension's AESE and AESMC. It replaced Philox4x32-10,
-whose ten multiply rounds AVX2 computes in many more instructions: on torch's two threads of the AMD
-machine a million signed entries take 0.67-0.73 of Philox's time (docs/PERFORMANCE.md, seventeenth
-round).
+Why AES: it is the standard block cipher (FIPS-197), its counter mode is the core of NIST's CTR_DRBG
+generator, and no known statistical test tells its output from random; and CPUs compute an AES round
+in one instruction: on x86 AES-NI (most x86-64 CPUs since about 2010), with VAES two blocks per
+instruction (AMD Zen 3, Intel Ice Lake and later); on 64-bit ARM the crypto extension's AESE and AESMC.
+It replaced Philox4x32-10, whose ten multiply rounds AVX2 computes in many more instructions: on
+torch's two threads of the AMD machine a million signed entries take 0.67-0.73 of Philox's time
+(docs/PERFORMANCE.md, seventeenth round).
 
 The stream of ``n`` numbers under ``key`` (an integer below ``2**128``): block ``i`` is AES-128, under
 the key whose 16 bytes are ``key`` little-endian, of the 16 bytes of ``i`` little-endian: the AES-CTR
@@ -115,28 +115,15 @@ def _encrypt(counter: int, keys: np.ndarray) -> tuple[int, int, int, int]:
     # bytes are counter (below 2**64) little-endian, under the round keys (22 uint64s). Word c is
     # column c of the state, its byte r row r; ShiftRows moves row r of column c + r to column c.
     k = keys.view(np.uint32)
-    t = _TABLES
     c = np.uint64(counter)
     s0, s1 = np.uint32(c & np.uint64(0xFFFFFFFF)) ^ k[0], np.uint32(c >> np.uint64(32)) ^ k[1]
     s2, s3 = k[2], k[3]
     for r in range(1, 10):
         s0, s1, s2, s3 = (
-            t[0, s0 & 0xFF] ^ t[1, (s1 >> 8) & 0xFF] ^ t[2, (s2 >> 16) & 0xFF] ^ t[3, s3 >> 24] ^ k[4 * r],
-            t[0, s1 & 0xFF]
-            ^ t[1, (s2 >> 8) & 0xFF]
-            ^ t[2, (s3 >> 16) & 0xFF]
-            ^ t[3, s0 >> 24]
-            ^ k[4 * r + 1],
-            t[0, s2 & 0xFF]
-            ^ t[1, (s3 >> 8) & 0xFF]
-            ^ t[2, (s0 >> 16) & 0xFF]
-            ^ t[3, s1 >> 24]
-            ^ k[4 * r + 2],
-            t[0, s3 & 0xFF]
-            ^ t[1, (s0 >> 8) & 0xFF]
-            ^ t[2, (s1 >> 16) & 0xFF]
-            ^ t[3, s2 >> 24]
-            ^ k[4 * r + 3],
+            _mixed_column(s0, s1, s2, s3) ^ k[4 * r],
+            _mixed_column(s1, s2, s3, s0) ^ k[4 * r + 1],
+            _mixed_column(s2, s3, s0, s1) ^ k[4 * r + 2],
+            _mixed_column(s3, s0, s1, s2) ^ k[4 * r + 3],
         )
     # The last round: SubBytes and ShiftRows, no MixColumns.
     return (
@@ -148,8 +135,16 @@ def _encrypt(counter: int, keys: np.ndarray) -> tuple[int, int, int, int]:
 
 
 @njit(cache=True, inline="always")
+def _mixed_column(a: int, b: int, c: int, d: int) -> int:
+    # A round's new column (before its key): row r from column r after it (a, b, c, d), through the
+    # S-box and MixColumns, by the tables.
+    t = _TABLES
+    return t[0, a & 0xFF] ^ t[1, (b >> 8) & 0xFF] ^ t[2, (c >> 16) & 0xFF] ^ t[3, d >> 24]
+
+
+@njit(cache=True, inline="always")
 def _last_column(a: int, b: int, c: int, d: int) -> int:
-    # Row r of the new column from column r after it (a, b, c, d), through the S-box.
+    # The last round's: row r from column r after it (a, b, c, d), through the S-box alone.
     box = _SBOX
     return (
         np.uint32(box[a & 0xFF])
@@ -313,17 +308,21 @@ def group_intrinsic(kind: str | None = None) -> Any:
     def aes_group(typingctx: Any, out: Any, signs: Any, keys: Any, first: Any, scale: Any) -> Any:
         # The pass reads and writes through raw pointers: contiguous arrays of these dtypes only.
         def vector(array: Any, dtype: Any) -> bool:
-            return isinstance(array, types.Array) and (array.dtype, array.ndim, array.layout) == (
-                dtype,
-                1,
-                "C",
+            return (
+                isinstance(array, types.Array)
+                and array.dtype == dtype
+                and array.ndim == 1
+                and array.layout == "C"
             )
 
-        if not (vector(out, types.float32) and out.mutable and vector(signs, types.float32)):
-            return None
-        if not vector(keys, types.uint64):
-            return None
-        return types.void(out, signs, keys, types.uint64, types.float32), codegen
+        if (
+            vector(out, types.float32)
+            and out.mutable
+            and vector(signs, types.float32)
+            and vector(keys, types.uint64)
+        ):
+            return types.void(out, signs, keys, types.uint64, types.float32), codegen
+        return None
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> None:
         out_array, signs_array, keys_array = (
@@ -383,15 +382,15 @@ def fill_range(
 
 def _share(data: Any) -> None:
     # On each thread of PyTorch's OpenMP team: data points to int64s (out's address, signs' address,
-    # n, the round keys' address, scale's float64 bits, whether the AES instructions are there).
-    # Thread t of T fills part t of T. The stream is the same however it is shared.
-    words = carray(data, (6,), np.int64)
+    # n, the round keys' address, scale's float64 bits). Thread t of T fills part t of T. The stream
+    # is the same however it is shared.
+    words = carray(data, (5,), np.int64)
     n = words[2]
     out = carray(openmp.pointer(words[0]), (n,), np.float32)
     signs = carray(openmp.pointer(words[1]), (n,), np.float32)
     keys = carray(openmp.pointer(words[3]), (22,), np.uint64)
-    scale = carray(data, (6,), np.float64)[4]
-    fill_range(out, signs, keys, scale, words[5] != 0, openmp.thread_number(), openmp.team_size())
+    scale = carray(data, (5,), np.float64)[4]
+    fill_range(out, signs, keys, scale, HARDWARE, openmp.thread_number(), openmp.team_size())
 
 
 @functools.cache
@@ -446,10 +445,9 @@ def signed_uniform_(out: Tensor, signs: Tensor, bound: float, key: int) -> None:
     if target.numel() >= PARALLEL_FROM and openmp.available():
         # On every thread torch computes with, where one would otherwise spin idle beside the draw.
         words = np.array(
-            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0, HARDWARE],
-            dtype=np.int64,
+            [target.data_ptr(), signs.data_ptr(), target.numel(), keys.ctypes.data, 0], dtype=np.int64
         )
-        words[4:5].view(np.float64)[0] = scale
+        words[4:].view(np.float64)[0] = scale
         openmp.run(_shared_fill(), words.ctypes.data)
     else:
         fill_range(target.view(-1).numpy(), signs.view(-1).numpy(), keys, scale, HARDWARE, 0, 1)

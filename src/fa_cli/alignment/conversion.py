@@ -84,8 +84,8 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
     Two forms, with the same ``B`` (see :mod:`fa_cli.alignment.feedback`):
 
     - **offset**, where the difference ``B - W`` provably moves by a scalar alone: ``torch.optim.SGD``
-      with any settings, ``AdamW``, and ``Adam`` without weight decay or with it decoupled (both with
-      ``eps > 0``). Each layer then keeps
+      with any settings, ``AdamW``, and ``Adam`` without weight decay or with it decoupled (the two
+      Adams with ``eps > 0``). Each layer then keeps
       ``feedback_offset`` (``B - W`` now) and ``offset_scale`` (1 now), the optimizer trains the scale
       with a gradient of 0 and its ``W``'s settings, and each backward rebuilds ``B = W + scale *
       offset``: no optimizer pass over ``B``. The optimizer's settings are checked again before every
@@ -115,7 +115,7 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
         i for i, group in enumerate(optimizer.param_groups) if any(id(p) in weights for p in group["params"])
     ]
     offset_form = _moves_by_a_scalar(optimizer, groups)
-    companions, trained = [], []
+    companions, placed = [], set()
     for index in groups:
         group = optimizer.param_groups[index]
         position = {id(p): i for i, p in enumerate(group["params"])}
@@ -133,8 +133,8 @@ def train_feedback(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[T
         optimizer.add_param_group({**_settings(group), "params": params})
         # Indices, not the group dicts: load_state_dict puts new dicts in the same places.
         companions.append((index, len(optimizer.param_groups) - 1))
-        trained += [m for _, m in mine]
-    trained.sort(key=layers.index)
+        placed |= {id(m) for _, m in mine}
+    trained = [m for m in layers if id(m) in placed]
     if trained:
         hooks = _OffsetSteps(trained, companions) if offset_form else _SharedGradients(trained, companions)
         optimizer.register_step_pre_hook(hooks.lend)
@@ -187,6 +187,11 @@ class _FeedbackSteps:
         self.companions = companions
 
     def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        _check_held(self.layers)
+        _follow_settings(optimizer, self.companions)
+        self._give_gradients(optimizer)
+
+    def _give_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         raise NotImplementedError
 
     def take_back(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -197,13 +202,11 @@ class _FeedbackSteps:
 class _SharedGradients(_FeedbackSteps):
     """The matrix form: ``B.grad`` is ``W.grad`` for the step."""
 
-    def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        _check_held(self.layers)
+    def _give_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         # The same tensor, not a copy: copying every W's gradient cost a pass over memory each step
         # (docs/PERFORMANCE.md, seventh round).
         for layer, feedback in self.layers:
             feedback.grad = layer.weight.grad
-        _follow_settings(optimizer, self.companions)
 
 
 class _OffsetSteps(_FeedbackSteps):
@@ -213,15 +216,14 @@ class _OffsetSteps(_FeedbackSteps):
     def __init__(self, layers: list[AlignmentLayer], companions: list[tuple[int, int]]) -> None:
         super().__init__(layers, companions)
         self.zeros = [torch.zeros_like(scale) for _, scale in self.layers]
+        self.weight_groups = [weights for weights, _ in companions]
 
-    def lend(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        _follow_settings(optimizer, self.companions)
-        if not _moves_by_a_scalar(optimizer, [weights for weights, _ in self.companions]):
+    def _give_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if not _moves_by_a_scalar(optimizer, self.weight_groups):
             raise RuntimeError(
                 "kp: this optimizer's settings no longer keep B - W a multiple of its start (weight "
                 "decay on Adam?); build the optimizer with them before train_feedback"
             )
-        _check_held(self.layers)
         for (layer, scale), zero in zip(self.layers, self.zeros, strict=True):
             scale.grad = zero if layer.weight.grad is not None else None
 
@@ -266,7 +268,8 @@ class _StateOf:
             # B - W = scale * offset, in float64, where the saved moments lie (a checkpoint is read
             # onto the CPU, the model may be on a GPU); load_state_dict then moves each to its scale.
             offset, scale = layer.offset_form()  # type: ignore[misc]
-            offset = (offset * scale).to(next(iter(moments.values())).device, torch.float64)
+            where = next(iter(moments.values())).device
+            offset = offset.to(where, torch.float64) * scale.to(where, torch.float64)
             norm = offset.pow(2).sum()
             projected = {}
             for key, moment in moments.items():

@@ -90,11 +90,8 @@ class AlignmentLayer:
             self.feedback = feedback
         else:
             self.register_buffer("feedback", feedback)  # type: ignore[attr-defined]
-        form = self.offset_form()
-        if form is not None:  # in place: the optimizer holds offset_scale
-            with torch.no_grad():
-                form[0].copy_(self.feedback - self.weight)
-                form[1].fill_(1.0)
+        if self.offset_form() is not None:
+            self._restart_offset()
 
     def effective_feedback(self) -> Tensor | None:
         """The matrix errors go through now: ``B`` (fa, kp), ``sign(W) * |feedback|`` (usf, frsf,
@@ -122,13 +119,20 @@ class AlignmentLayer:
         assert self.method == "kp" and self.feedback is not None
         if self.offset_form() is not None:
             return
-        with torch.no_grad():
-            offset = self.feedback - self.weight
-        self.register_buffer("feedback_offset", offset)  # type: ignore[attr-defined]
+        self.register_buffer("feedback_offset", torch.empty_like(self.feedback))  # type: ignore[attr-defined]
         # At least float32: in bfloat16, 1 - lr * decay would round to 1.
-        dtype = torch.promote_types(offset.dtype, torch.float32)
-        self.register_buffer("offset_scale", torch.ones((), dtype=dtype, device=offset.device))  # type: ignore[attr-defined]
+        dtype = torch.promote_types(self.feedback.dtype, torch.float32)
+        self.register_buffer("offset_scale", torch.empty((), dtype=dtype, device=self.feedback.device))  # type: ignore[attr-defined]
         self._non_persistent_buffers_set.add("feedback")  # type: ignore[attr-defined]
+        self._restart_offset()
+
+    def _restart_offset(self) -> None:
+        """kp's offset form from ``B`` as ``feedback`` holds it: ``B - W``, scale 1, in place (an
+        optimizer may hold ``offset_scale``)."""
+        offset, scale = self.offset_form()  # type: ignore[misc]
+        with torch.no_grad():
+            torch.sub(self.feedback, self.weight, out=offset)
+            scale.fill_(1.0)
 
     def _leave_offset_form(self) -> None:
         """kp: hold ``B`` itself again (``feedback``, in ``state_dict``), as it is now."""
@@ -136,7 +140,7 @@ class AlignmentLayer:
             return
         assert self.feedback is not None
         with torch.no_grad():
-            self.feedback.copy_(self.effective_feedback())  # type: ignore[arg-type]
+            fb.from_offset(self.weight, *self.offset_form(), out=self.feedback)  # type: ignore[misc]
         del self._buffers["feedback_offset"], self._buffers["offset_scale"]  # type: ignore[attr-defined]
         self._non_persistent_buffers_set.discard("feedback")  # type: ignore[attr-defined]
 
@@ -215,8 +219,10 @@ class AlignmentLayer:
         # B: rewritten in this layer's form, in the dict load_state_dict made for the load.
         weight, matrix = prefix + "weight", prefix + "feedback"
         offset, scale = prefix + "feedback_offset", prefix + "offset_scale"
-        has_matrix = weight in state_dict and matrix in state_dict
-        has_offset = weight in state_dict and offset in state_dict and scale in state_dict
+        if weight not in state_dict:
+            return
+        has_matrix = matrix in state_dict
+        has_offset = offset in state_dict and scale in state_dict
         if self.offset_form() is not None and has_matrix and not has_offset:
             state_dict[offset] = state_dict.pop(matrix) - state_dict[weight]
             state_dict[scale] = torch.ones((), dtype=state_dict[offset].dtype)
